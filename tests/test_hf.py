@@ -1,0 +1,140 @@
+"""Hugging Face folders: Chinese round trip, transformers interop, and the documented errors."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+from transformers import BertModel
+
+from pegjax.data.tokenizer import load_tokenizer, tokenize
+from pegjax.encode import Encoder
+from pegjax.models import hf
+from pegjax.models.bert import BertConfig, EmbeddingModel
+
+CHINESE = BertConfig(
+    vocab_size=21128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
+)
+
+
+@pytest.fixture(scope="module")
+def chinese_tokenizer(shared_data):
+    return load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
+
+
+@pytest.fixture(scope="module")
+def chinese_folder(tmp_path_factory, chinese_tokenizer):
+    model = EmbeddingModel(CHINESE, pooling="cls")
+    params = nn.unbox(model.init(jax.random.key(0)))
+    encoder = Encoder(model, params, chinese_tokenizer, max_length=128)
+    folder = str(tmp_path_factory.mktemp("chinese"))
+    encoder.save_pretrained(folder)
+    return encoder, folder
+
+
+def test_chinese_text_tokenizes_without_unknown_floods(chinese_tokenizer, mixed_texts):
+    chinese = [t for t in mixed_texts if any("\u4e00" <= c <= "\u9fff" for c in t)]
+    sequences = tokenize(chinese_tokenizer, chinese, max_length=512)
+    tokens = np.concatenate([s[1:-1] for s in sequences])
+    unknown = (tokens == chinese_tokenizer.unk_token_id).mean()
+    assert len(chinese) >= 100 and unknown < 0.01
+    # One token per Chinese character.
+    assert chinese_tokenizer.tokenize("高血压") == ["高", "血", "压"]
+
+
+def test_chinese_round_trip_gives_identical_embeddings(chinese_folder, mixed_texts):
+    encoder, folder = chinese_folder
+    loaded = Encoder.from_pretrained(folder, pooling="cls", max_length=128)
+    np.testing.assert_array_equal(encoder.encode(mixed_texts), loaded.encode(mixed_texts))
+
+
+def test_saved_folder_loads_in_transformers_with_same_outputs(chinese_folder, mixed_texts):
+    encoder, folder = chinese_folder
+    texts = mixed_texts[-80:]
+    model = BertModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.inference_mode():
+        expected = model(**batch).last_hidden_state[:, 0].numpy()
+    got = encoder.encode(texts, normalize=False)
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_bert_prefix_and_gamma_beta_names_load(chinese_folder, tmp_path):
+    encoder, folder = chinese_folder
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(os.path.join(folder, hf.WEIGHTS_NAME))
+    renamed = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in tensors.items()}
+    renamed["cls.predictions.bias"] = np.zeros(CHINESE.vocab_size, np.float32)  # an MLM head: ignored
+    shutil.copy(os.path.join(folder, "config.json"), tmp_path)
+    save_file(renamed, str(tmp_path / hf.WEIGHTS_NAME))
+    _, params = hf.load(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(encoder.params))
+
+
+def _copy_folder(folder, dest):
+    shutil.copytree(folder, dest)
+    return str(dest)
+
+
+def test_truncated_safetensors_is_reported(chinese_folder, tmp_path):
+    folder = _copy_folder(chinese_folder[1], tmp_path / "m")
+    weights = os.path.join(folder, hf.WEIGHTS_NAME)
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(hf.CheckpointError, match="cannot read the safetensors file.*truncated"):
+        hf.load(folder)
+
+
+def test_mismatched_tensors_are_listed(chinese_folder, tmp_path):
+    folder = _copy_folder(chinese_folder[1], tmp_path / "m")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config["intermediate_size"] = 512
+    config["num_hidden_layers"] = 3
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(hf.CheckpointError) as err:
+        hf.load(folder)
+    message = str(err.value)
+    assert "do not match a BertModel of its config.json" in message
+    assert "missing (16): encoder.layer.2." in message
+    assert "encoder.layer.0.intermediate.dense.weight: file has (256, 128), config.json implies (512, 128)" in message
+
+
+def test_unexpected_tensor_is_listed(chinese_folder, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy_folder(chinese_folder[1], tmp_path / "m")
+    weights = os.path.join(folder, hf.WEIGHTS_NAME)
+    tensors = load_file(weights)
+    tensors["encoder.layer.0.attention.self.rotary.weight"] = np.zeros(3, np.float32)
+    save_file(tensors, weights)
+    with pytest.raises(hf.CheckpointError, match=r"unexpected \(1\): encoder.layer.0.attention.self.rotary.weight"):
+        hf.load(folder)
+
+
+def test_missing_config_key_is_named(chinese_folder, tmp_path):
+    folder = _copy_folder(chinese_folder[1], tmp_path / "m")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    del config["num_attention_heads"]
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(hf.CheckpointError, match=r"config.json: missing required key\(s\) num_attention_heads"):
+        hf.load(folder)
+
+
+def test_pickle_only_folder_is_refused_unless_allowed(chinese_folder, tmp_path):
+    folder = _copy_folder(chinese_folder[1], tmp_path / "m")
+    model = BertModel.from_pretrained(folder, add_pooling_layer=False)
+    torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    os.remove(os.path.join(folder, hf.WEIGHTS_NAME))
+    with pytest.raises(hf.CheckpointError, match="has only pytorch_model.bin.*safe_serialization=True"):
+        hf.load(folder)
+    _, params = hf.load(folder, allow_pickle=True)
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(chinese_folder[0].params))
