@@ -1,0 +1,207 @@
+"""One global contrastive training step: cached-gradient encoding, the global loss, AdamW.
+
+Batch (a dict of arrays, every leading dimension split over the mesh's data x fsdp axes)::
+
+    query_ids, query_mask          [Q, Lq] int32
+    passage_ids, passage_mask      [P, Lp] int32    P = Q * G, G = 1 + hard negatives;
+                                                    rows i*G .. i*G+G-1 belong to query i,
+                                                    its positive first (the loss's labels)
+    passage_hashes                 [P] int32        text hash of each passage (0 = unknown)
+    positive_hashes                [Q, M] int32     hashes of other known positives (0 = none)
+
+Because query i's G passages are contiguous, splitting Q and P into the same number of shards keeps
+every query with its own passages. Texts are encoded ``encode_chunk`` rows per shard at a time with
+``lax.scan`` over a ``jax.checkpoint``-ed encoder that saves nothing: the forward pass keeps only
+the embeddings, the backward pass recomputes each chunk (GradCache, by remat). Each chunk takes its
+rows from every shard, so no token ids move between devices. Only embeddings cross devices: the
+passage embeddings are gathered (replicated) before scoring, and their gradient is reduce-scattered
+back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax import lax
+
+from pegjax import sharding
+from pegjax.loss import LossConfig, contrastive_loss
+from pegjax.models.bert import EmbeddingModel
+
+BATCH_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask", "passage_hashes", "positive_hashes")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # [2] uint32 key data (dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    model: EmbeddingModel
+    loss: LossConfig
+    encode_chunk: int = 32  # rows per batch shard encoded at once (activation memory)
+    dropout: bool = True
+
+
+def make_optimizer(learning_rate: Callable, weight_decay: float = 0.01, clip_norm: float | None = 1.0):
+    """AdamW with global-norm clipping; no weight decay on biases and LayerNorm."""
+
+    def decay_mask(params):
+        flat = flax.traverse_util.flatten_dict(params)
+        return flax.traverse_util.unflatten_dict(
+            {path: path[-1] in ("kernel", "embedding") for path in flat}
+        )
+
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def encode_in_chunks(model: EmbeddingModel, params, ids, mask, chunk: int, shards: int, rng=None):
+    """Embeds [N, L] int32 token ids in chunks of ``chunk`` rows per shard -> [N, D] float32.
+
+    Each chunk's forward pass is recomputed in the backward pass (nothing but the embeddings is
+    kept), so activation memory is one chunk's whatever N is. ``rng`` (optional) drives dropout;
+    chunk c uses fold_in(rng, c) in both passes.
+    """
+    count, length = ids.shape
+    rows = count // shards
+    chunk = min(chunk, rows)
+    if count % shards or rows % chunk:
+        raise ValueError(
+            f"config.encode_chunk={chunk}: the {rows} rows per shard ({count} / {shards} shards) "
+            "must be a multiple of it"
+        )
+    chunks = rows // chunk
+
+    def to_chunks(x):  # [N, L] -> [chunks, shards * chunk, L], rows of every shard in each chunk
+        return jnp.swapaxes(x.reshape(shards, chunks, chunk, length), 0, 1).reshape(chunks, shards * chunk, length)
+
+    def embed_chunk(params, ids_c, mask_c, index):
+        key = None if rng is None else jax.random.fold_in(rng, index)
+        return model.embed(params, ids_c, mask_c, dropout_rng=key)
+
+    embed_chunk = jax.checkpoint(embed_chunk, policy=jax.checkpoint_policies.nothing_saveable)
+
+    def body(carry, inputs):
+        return carry, embed_chunk(params, *inputs)
+
+    _, embeddings = lax.scan(body, None, (to_chunks(ids), to_chunks(mask), jnp.arange(chunks)))
+    dim = embeddings.shape[-1]
+    return jnp.swapaxes(embeddings.reshape(chunks, shards, chunk, dim), 0, 1).reshape(count, dim)
+
+
+def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=None):
+    """The global loss of one batch as a function of params: (loss, metrics)."""
+    shards = 1 if mesh is None else sharding.batch_shards(mesh)
+    query_rng = passage_rng = None
+    if rng is not None:
+        query_rng, passage_rng = jax.random.split(rng)
+    queries = encode_in_chunks(
+        config.model, params, batch["query_ids"], batch["query_mask"], config.encode_chunk, shards, query_rng
+    )
+    passages = encode_in_chunks(
+        config.model, params, batch["passage_ids"], batch["passage_mask"], config.encode_chunk, shards, passage_rng
+    )
+    gather = None
+    if mesh is not None:
+        # Every query meets every passage: gather the embeddings (never activations) once.
+        gather = lambda x: lax.with_sharding_constraint(x, sharding.replicated(mesh))  # noqa: E731
+    return contrastive_loss(
+        queries,
+        passages,
+        batch["passage_hashes"],
+        batch["positive_hashes"],
+        beta,
+        gamma,
+        config.loss,
+        shards=shards,
+        gather=gather,
+    )
+
+
+def train_step(state: TrainState, batch, *, config: StepConfig, tx, beta_schedule, gamma_schedule, learning_rate, mesh=None):
+    """One optimizer step on one global batch -> (new state, metrics of scalars)."""
+    beta = jnp.asarray(beta_schedule(state.step), jnp.float32)
+    gamma = jnp.asarray(gamma_schedule(state.step), jnp.float32)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if config.dropout else None
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, beta, gamma, rng, config, mesh)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(
+        metrics,
+        beta=beta,
+        gamma=gamma,
+        learning_rate=jnp.asarray(learning_rate(state.step), jnp.float32),
+        grad_norm=optax.global_norm(grads),
+    )
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+
+
+def abstract_params(model: EmbeddingModel):
+    """Parameter shapes with their logical axis names, without allocating anything."""
+    return jax.eval_shape(model.init, jax.random.key(0))
+
+
+def create_state(model: EmbeddingModel, tx, mesh, seed: int, params=None):
+    """A TrainState laid out on the mesh -> (state, state shardings).
+
+    ``params`` (a numpy tree, e.g. from a Hugging Face folder) or, when None, random init.
+    """
+    boxed = abstract_params(model)
+    param_sharding = sharding.param_shardings(boxed, mesh)
+    if params is None:
+        init = lambda key: nn.unbox(model.init(key))  # noqa: E731
+        params = jax.jit(init, out_shardings=param_sharding)(jax.random.key(seed))
+    else:
+        params = jax.device_put(params, param_sharding)
+    abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed))
+    opt_sharding = sharding.state_shardings(tx, param_sharding, abstract_opt, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+    replicated = sharding.replicated(mesh)
+    state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), replicated),
+    )
+    state_sharding = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding, rng=replicated)
+    return state, state_sharding
+
+
+def batch_shardings(mesh) -> dict:
+    return {key: sharding.batch_sharding(mesh, 1 if key == "passage_hashes" else 2) for key in BATCH_KEYS}
+
+
+def jit_train_step(config: StepConfig, tx, schedules: dict, mesh, state_sharding):
+    """The jitted step: explicit in/out shardings, the state donated.
+
+    schedules: {"beta": fn, "gamma": fn, "learning_rate": fn}.
+    """
+    step = lambda state, batch: train_step(  # noqa: E731
+        state,
+        batch,
+        config=config,
+        tx=tx,
+        beta_schedule=schedules["beta"],
+        gamma_schedule=schedules["gamma"],
+        learning_rate=schedules["learning_rate"],
+        mesh=mesh,
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_shardings(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )

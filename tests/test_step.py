@@ -1,0 +1,150 @@
+"""The sharded, chunked, remat-ed step computes the plain full-batch loss and gradient."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from pegjax import sharding
+from pegjax.loss import LossConfig, contrastive_loss
+from pegjax.models.bert import BertConfig, EmbeddingModel
+from pegjax.step import StepConfig, batch_shardings, loss_and_metrics
+
+TINY = BertConfig(
+    vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    max_position_embeddings=64,
+)
+QUERIES, GROUP, EXTRA = 16, 3, 2
+BETA, GAMMA = 2.0, 1.5
+
+
+def dense_reference_loss(queries, passages, passage_hashes, positive_hashes, beta, gamma, group, tau,
+                         margin=None, query_negatives=False):
+    """The loss of DESIGN §1 written plainly: one query at a time, the whole [Q, P] matrix at once."""
+    passage_hashes = np.asarray(passage_hashes)
+    positive_hashes = np.asarray(positive_hashes)
+    candidates = jnp.concatenate([passages, queries]) if query_negatives else passages
+    scores = queries @ candidates.T / tau
+    num_queries, num_passages = queries.shape[0], passages.shape[0]
+    losses = []
+    for i in range(num_queries):
+        positive = i * group
+        own_hash = passage_hashes[positive]
+        negatives = []
+        for j in range(candidates.shape[0]):
+            if j == positive or (query_negatives and j == num_passages + i):
+                continue
+            if j < num_passages:
+                h = passage_hashes[j]
+                if h != 0 and (h == own_hash or h in set(positive_hashes[i]) - {0}):
+                    continue
+            negatives.append(j)
+        s_pos = scores[i, positive]
+        s_neg = scores[i, np.array(negatives, dtype=int)]
+        keep = jnp.ones(len(negatives), bool)
+        if margin is not None:
+            fixed = jax.lax.stop_gradient(s_neg * tau)
+            keep = fixed <= jax.lax.stop_gradient(s_pos * tau) + margin
+        count = keep.sum()
+        w = count * jnp.exp(beta * jax.lax.stop_gradient(s_neg)) * keep
+        w = w / jnp.maximum((jnp.exp(beta * jax.lax.stop_gradient(s_neg)) * keep).sum(), 1e-30)
+        term = (jax.lax.stop_gradient(w) * jnp.exp(s_neg)).sum()
+        losses.append(jnp.where(count > 0, -s_pos + jnp.log(jnp.exp(s_pos) + term), 0.0))
+    losses = jnp.stack(losses)
+    fixed_losses = jax.lax.stop_gradient(losses)
+    z = (fixed_losses - fixed_losses.mean()) / fixed_losses.std()
+    v = jnp.exp(-gamma * jnp.maximum(z, 0))
+    return (v * losses).sum() / v.sum()
+
+
+def make_batch(seed, num_queries=QUERIES, group=GROUP, query_len=8, passage_len=12):
+    """Random token ids with real-looking structure: ragged lengths, shared passages (false negatives)
+    and listed extra positives."""
+    rng = np.random.default_rng(seed)
+    passages = num_queries * group
+
+    def ids_and_mask(rows, length):
+        ids = rng.integers(5, TINY.vocab_size, size=(rows, length), dtype=np.int32)
+        lengths = rng.integers(3, length + 1, size=rows)
+        mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+        return ids * mask, mask
+
+    query_ids, query_mask = ids_and_mask(num_queries, query_len)
+    passage_ids, passage_mask = ids_and_mask(passages, passage_len)
+    hashes = rng.integers(1, 2**31 - 1, size=passages, dtype=np.int64).astype(np.int32)
+    # Query 1's hard negative is query 0's positive text: a false negative for query 0 only if
+    # listed; query 3's positive appears again as query 5's negative (same hash, same text).
+    passage_ids[1 * group + 1], passage_mask[1 * group + 1] = passage_ids[0], passage_mask[0]
+    hashes[1 * group + 1] = hashes[0]
+    passage_ids[5 * group + 2], passage_mask[5 * group + 2] = passage_ids[3 * group], passage_mask[3 * group]
+    hashes[5 * group + 2] = hashes[3 * group]
+    positive_hashes = np.zeros((num_queries, EXTRA), np.int32)
+    positive_hashes[2, 0] = hashes[7 * group + 1]  # query 2 lists another passage as a positive
+    positive_hashes[4, 1] = hashes[4 * group + 1]  # query 4 lists its own hard negative as positive
+    return {
+        "query_ids": query_ids, "query_mask": query_mask,
+        "passage_ids": passage_ids, "passage_mask": passage_mask,
+        "passage_hashes": hashes, "positive_hashes": positive_hashes,
+    }
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = EmbeddingModel(TINY, pooling="mean", normalize=True)
+    return model, nn.unbox(model.init(jax.random.key(3)))
+
+
+def reference_grad(model, params, batch, loss_config):
+    def loss_fn(params):
+        queries = model.embed(params, batch["query_ids"], batch["query_mask"])
+        passages = model.embed(params, batch["passage_ids"], batch["passage_mask"])
+        return dense_reference_loss(
+            queries, passages, batch["passage_hashes"], batch["positive_hashes"], BETA, GAMMA,
+            loss_config.group_size, loss_config.temperature, loss_config.margin, loss_config.query_negatives,
+        )
+    return jax.value_and_grad(loss_fn)(params)
+
+
+def gradient_error(got, want):
+    """Largest per-leaf relative error ||got - want|| / ||want||.
+
+    The attention key bias is left out: its exact gradient is zero (softmax ignores a constant added
+    to every score of a row), so both sides hold float32 round-off of ~1e-11 there.
+    """
+    got, want = flax.traverse_util.flatten_dict(got), flax.traverse_util.flatten_dict(want)
+    assert got.keys() == want.keys()
+    errors = {}
+    for path, expected in want.items():
+        if path[-3:] == ("attention", "key", "bias"):
+            assert np.abs(np.asarray(got[path])).max() < 1e-6
+            continue
+        errors[path] = np.linalg.norm(np.asarray(got[path]) - expected) / np.linalg.norm(expected)
+    return max(errors.values())
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"data": 8}, {"data": 2, "fsdp": 4}], ids=["data8", "data2_fsdp4"])
+@pytest.mark.parametrize("query_negatives", [False, True], ids=["passages", "plus_queries"])
+def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes, query_negatives):
+    assert len(jax.devices()) == 8
+    model, params = model_and_params
+    batch = make_batch(0)
+    loss_config = LossConfig(group_size=GROUP, temperature=0.05, query_block=1, query_negatives=query_negatives)
+    config = StepConfig(model=model, loss=loss_config, encode_chunk=1, dropout=False)
+    want_loss, want_grad = reference_grad(model, params, batch, loss_config)
+
+    mesh = sharding.make_mesh(mesh_sizes)
+    param_sharding = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), mesh)
+    grad_fn = jax.jit(
+        jax.value_and_grad(lambda p, b: loss_and_metrics(p, b, BETA, GAMMA, None, config, mesh), has_aux=True),
+        in_shardings=(param_sharding, batch_shardings(mesh)),
+        out_shardings=((sharding.replicated(mesh), sharding.replicated(mesh)), param_sharding),
+    )
+    (loss, metrics), grad = grad_fn(jax.device_put(params, param_sharding), batch)
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    assert 0 < float(metrics["masked_fraction"]) < 0.2
+    assert gradient_error(grad, want_grad) <= 1e-5
+    if "fsdp" in mesh_sizes:  # parameters really are sharded
+        kernel = grad["layer_0"]["intermediate"]["kernel"]
+        assert kernel.sharding.shard_shape(kernel.shape) == (TINY.hidden_size // 4, TINY.intermediate_size)
