@@ -91,6 +91,13 @@ def param_shardings(boxed_params: Any, mesh: Mesh) -> Any:
     return nn.logical_to_mesh_sharding(logical, mesh, LOGICAL_AXIS_RULES)
 
 
+def gathered_param_shardings(boxed_params: Any, mesh: Mesh) -> Any:
+    """Param shardings with the fsdp split undone (tensor split kept): the layout an encoder call
+    uses, so that FSDP all-gathers weights, never activations."""
+    rules = tuple((name, None if axis == "fsdp" else axis) for name, axis in LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_params), mesh, rules)
+
+
 def state_shardings(tx, params_sharding: Any, abstract_opt_state: Any, mesh: Mesh) -> Any:
     """Optimizer-state shardings: moments follow their parameter, scalars are replicated."""
     import optax

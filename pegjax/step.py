@@ -67,13 +67,15 @@ def make_optimizer(learning_rate: Callable, weight_decay: float = 0.01, clip_nor
     return optax.chain(*parts)
 
 
-def encode_in_chunks(model: EmbeddingModel, params, ids, mask, chunk: int, shards: int, rng=None):
-    """Embeds [N, L] int32 token ids in chunks of ``chunk`` rows per shard -> [N, D] float32.
+def encode_in_chunks(model: EmbeddingModel, params, ids, mask, chunk: int, mesh=None, rng=None):
+    """Embeds [N, L] int32 token ids in chunks of ``chunk`` rows per batch shard -> [N, D] float32.
 
     Each chunk's forward pass is recomputed in the backward pass (nothing but the embeddings is
     kept), so activation memory is one chunk's whatever N is. ``rng`` (optional) drives dropout;
-    chunk c uses fold_in(rng, c) in both passes.
+    chunk c uses fold_in(rng, c) in both passes. On a mesh, each chunk's rows stay split over the
+    batch axes and FSDP-sharded weights are all-gathered for the call (never the activations).
     """
+    shards = 1 if mesh is None else sharding.batch_shards(mesh)
     count, length = ids.shape
     rows = count // shards
     chunk = min(chunk, rows)
@@ -89,6 +91,11 @@ def encode_in_chunks(model: EmbeddingModel, params, ids, mask, chunk: int, shard
 
     def embed_chunk(params, ids_c, mask_c, index):
         key = None if rng is None else jax.random.fold_in(rng, index)
+        if mesh is not None:
+            params = lax.with_sharding_constraint(
+                params, sharding.gathered_param_shardings(abstract_params(model), mesh)
+            )
+            ids_c, mask_c = (lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, 2)) for x in (ids_c, mask_c))
         return model.embed(params, ids_c, mask_c, dropout_rng=key)
 
     embed_chunk = jax.checkpoint(embed_chunk, policy=jax.checkpoint_policies.nothing_saveable)
@@ -108,10 +115,10 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
     if rng is not None:
         query_rng, passage_rng = jax.random.split(rng)
     queries = encode_in_chunks(
-        config.model, params, batch["query_ids"], batch["query_mask"], config.encode_chunk, shards, query_rng
+        config.model, params, batch["query_ids"], batch["query_mask"], config.encode_chunk, mesh, query_rng
     )
     passages = encode_in_chunks(
-        config.model, params, batch["passage_ids"], batch["passage_mask"], config.encode_chunk, shards, passage_rng
+        config.model, params, batch["passage_ids"], batch["passage_mask"], config.encode_chunk, mesh, passage_rng
     )
     gather = None
     if mesh is not None:
@@ -144,7 +151,7 @@ def train_step(state: TrainState, batch, *, config: StepConfig, tx, beta_schedul
         beta=beta,
         gamma=gamma,
         learning_rate=jnp.asarray(learning_rate(state.step), jnp.float32),
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 

@@ -148,3 +148,67 @@ def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes
     if "fsdp" in mesh_sizes:  # parameters really are sharded
         kernel = grad["layer_0"]["intermediate"]["kernel"]
         assert kernel.sharding.shard_shape(kernel.shape) == (TINY.hidden_size // 4, TINY.intermediate_size)
+
+
+def compiled_step(mesh_sizes, batch, loss_config=None, encode_chunk=1):
+    import optax
+
+    from pegjax.step import create_state, jit_train_step, make_optimizer
+
+    model = EmbeddingModel(TINY, pooling="mean", normalize=True)
+    mesh = sharding.make_mesh(mesh_sizes)
+    tx = make_optimizer(optax.constant_schedule(1e-3))
+    state, state_sharding = create_state(model, tx, mesh, seed=0)
+    config = StepConfig(model=model, loss=loss_config or LossConfig(group_size=GROUP, query_block=1),
+                        encode_chunk=encode_chunk)
+    schedules = {"beta": optax.constant_schedule(1.0), "gamma": optax.constant_schedule(1.0),
+                 "learning_rate": optax.constant_schedule(1e-3)}
+    return jit_train_step(config, tx, schedules, mesh, state_sharding), state, model
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"data": 8}, {"data": 2, "fsdp": 4}], ids=["data8", "data2_fsdp4"])
+def test_only_embeddings_and_weights_cross_devices(mesh_sizes):
+    """The compiled 8-device step all-gathers embeddings ([Q|P|P+Q, D]) and, under FSDP, whole
+    weights; never a token-level activation (anything with a sequence dimension)."""
+    import re
+
+    query_len, passage_len = 10, 14  # lengths no other dimension shares
+    batch = make_batch(0, query_len=query_len, passage_len=passage_len)
+    step, state, model = compiled_step(mesh_sizes, batch)
+    hlo = step.lower(state, batch).compile().as_text()
+    param_dims = {tuple(sorted(d for d in leaf.shape if d != 1))
+                  for leaf in jax.tree.leaves(nn.unbox(jax.eval_shape(model.init, jax.random.key(0))))}
+    rows = {QUERIES, QUERIES * GROUP, QUERIES * (GROUP + 1)}
+    moved = re.findall(r"= (\(?[^=]*?\)?) (all-gather|all-to-all|collective-permute)(?:-start)?\(", hlo)
+    assert moved, "expected the passage embeddings to be all-gathered"
+    gathered_embeddings = False
+    for types, op in moved:
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", types):
+            shape = tuple(int(d) for d in dims.split(",") if d)
+            assert query_len not in shape and passage_len not in shape, f"{op} moves an activation: {dtype}{list(shape)}"
+            if not dtype.startswith(("f", "bf")):
+                continue
+            squeezed = tuple(d for d in shape if d != 1)
+            is_weight = tuple(sorted(squeezed)) in param_dims
+            is_embedding = squeezed[-1:] == (TINY.hidden_size,) and int(np.prod(squeezed[:-1])) in rows
+            gathered_embeddings |= is_embedding
+            assert is_weight or is_embedding, f"{op} moves {dtype}{list(shape)}: neither a weight nor embeddings"
+    assert gathered_embeddings
+    if "fsdp" in mesh_sizes:
+        assert any("all-gather" == op for _, op in moved)
+
+
+def test_train_step_learns_and_reports_metrics():
+    batch = make_batch(1)
+    step, state, _ = compiled_step({"data": 2, "fsdp": 4}, batch, encode_chunk=2)
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["unweighted_loss"]))
+    assert int(state.step) == 6
+    assert set(metrics) >= {"loss", "beta", "gamma", "learning_rate", "grad_norm", "positive_cosine",
+                            "hardest_negative_cosine", "masked_fraction"}
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert losses[-1] < losses[0]
+    kernel = state.params["layer_0"]["attention"]["query"]["kernel"]
+    assert kernel.sharding.shard_shape(kernel.shape)[0] == TINY.hidden_size // 4

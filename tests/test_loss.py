@@ -1,0 +1,109 @@
+"""The blocked loss equals dense references: sentence-transformers' MNRL and a plain computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from test_step import dense_reference_loss
+
+from pegjax.loss import LossConfig, contrastive_loss, focal, outlier_downweight
+
+
+def random_embeddings(rng, rows, dim=32):
+    x = rng.standard_normal((rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_plain_infonce_equals_multiple_negatives_ranking_loss():
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    rng = np.random.default_rng(0)
+    queries_count, hard, tau = 12, 5, 0.05
+    group = 1 + hard
+    queries = random_embeddings(rng, queries_count)
+    passages = random_embeddings(rng, queries_count * group)
+    config = LossConfig(group_size=group, temperature=tau, query_block=4)
+
+    def ours(q, p):
+        # MNRL scores by cosine, i.e. normalises inside the loss; our model normalises before it.
+        unit = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+        q, p = unit(q), unit(p)
+        return contrastive_loss(q, p, jnp.zeros(len(p), jnp.int32), jnp.zeros((len(q), 1), jnp.int32),
+                                0.0, 0.0, config)[0]
+
+    loss, (grad_q, grad_p) = jax.value_and_grad(ours, argnums=(0, 1))(queries, passages)
+
+    # sentence-transformers' layout: [anchors, positives, negatives_1, ..., negatives_H], each [Q, D].
+    reference = MultipleNegativesRankingLoss(model=None, scale=1.0 / tau)
+    q_t = torch.tensor(queries, requires_grad=True)
+    p_t = torch.tensor(passages, requires_grad=True)
+    by_role = p_t.reshape(queries_count, group, -1)
+    columns = [q_t] + [by_role[:, h] for h in range(group)]
+    expected = reference.compute_loss_from_embeddings(columns, labels=None)
+    expected.backward()
+    assert abs(float(loss) - expected.item()) <= 1e-5
+    np.testing.assert_allclose(grad_q, q_t.grad.numpy(), atol=1e-6)
+    np.testing.assert_allclose(grad_p, p_t.grad.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("margin", [None, 0.05])
+@pytest.mark.parametrize("query_negatives", [False, True])
+@pytest.mark.parametrize("block", [1, 3])
+def test_blocked_equals_dense_with_masks_and_weights(margin, query_negatives, block):
+    rng = np.random.default_rng(1)
+    queries_count, group, tau, beta, gamma = 6, 4, 0.1, 3.0, 2.0
+    queries = random_embeddings(rng, queries_count, dim=16)
+    passages = random_embeddings(rng, queries_count * group, dim=16)
+    hashes = rng.integers(1, 1000000, size=queries_count * group).astype(np.int32)
+    # Query 0 lists every other passage as a known positive: all its passage negatives are masked.
+    positive_hashes = np.zeros((queries_count, len(hashes)), np.int32)
+    positive_hashes[0, 1:] = hashes[1:]
+    positive_hashes[4, 0] = hashes[5 * group + 2]  # query 4 lists one more positive
+    hashes[2 * group + 1] = hashes[3 * group]  # query 3's positive text is also query 2's negative
+    config = LossConfig(group_size=group, temperature=tau, query_block=block,
+                        query_negatives=query_negatives, margin=margin)
+    shards = 2
+
+    def blocked(q, p):
+        return contrastive_loss(q, p, hashes, positive_hashes, beta, gamma, config, shards=shards)
+
+    def dense(q, p):
+        return dense_reference_loss(q, p, hashes, positive_hashes, beta, gamma, group, tau, margin, query_negatives)
+
+    (loss, metrics), grads = jax.value_and_grad(blocked, argnums=(0, 1), has_aux=True)(queries, passages)
+    want, want_grads = jax.value_and_grad(dense, argnums=(0, 1))(queries, passages)
+    assert np.isfinite(float(loss)) and abs(float(loss) - float(want)) <= 1e-5 * abs(float(want))
+    for got, expected in zip(grads, want_grads):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.isfinite(np.asarray(grads[0])).all()
+    if not query_negatives:
+        # Query 0 has no negative left: its loss is 0 and its embedding gets no gradient.
+        np.testing.assert_allclose(grads[0][0], 0.0, atol=1e-7)
+    assert float(metrics["masked_fraction"]) > 0.1
+
+
+def test_beta_moves_weight_to_hard_negatives_and_gamma_downweights_outliers():
+    rng = np.random.default_rng(2)
+    queries = random_embeddings(rng, 8)
+    passages = random_embeddings(rng, 8 * 3)
+    config = LossConfig(group_size=3, temperature=0.05, query_block=8)
+    no_hash, no_extra = np.zeros(24, np.int32), np.zeros((8, 1), np.int32)
+    plain = contrastive_loss(queries, passages, no_hash, no_extra, 0.0, 0.0, config)[0]
+    hard = contrastive_loss(queries, passages, no_hash, no_extra, 5.0, 0.0, config)[0]
+    # Weighting towards high-scoring negatives raises the loss (Jensen: the weighted mean of
+    # exp(s) with weights increasing in s exceeds the plain mean).
+    assert float(hard) > float(plain)
+    losses = jnp.array([0.5, 0.6, 0.55, 5.0])
+    v = outlier_downweight(losses, 2.0)
+    assert float(v[3]) < 0.2 and float(v[:3].min()) > 0.5
+    np.testing.assert_allclose(outlier_downweight(losses, 0.0), 1.0)
+    np.testing.assert_allclose(focal(losses, 0.0), 1.0)
+    assert float(focal(losses, 2.0)[3]) > float(focal(losses, 2.0)[0])
+
+
+def test_bad_block_size_names_the_config_key():
+    config = LossConfig(group_size=2, query_block=3)
+    with pytest.raises(ValueError, match="config.loss.query_block=3"):
+        contrastive_loss(np.zeros((8, 4)), np.zeros((16, 4)), np.zeros(16, np.int32),
+                         np.zeros((8, 1), np.int32), 0.0, 0.0, config, shards=2)
