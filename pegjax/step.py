@@ -161,30 +161,46 @@ def abstract_params(model: EmbeddingModel):
     return jax.eval_shape(model.init, jax.random.key(0))
 
 
+def state_layout(model: EmbeddingModel, tx, mesh):
+    """(abstract TrainState of ShapeDtypeStructs, TrainState of shardings); allocates nothing."""
+    boxed = abstract_params(model)
+    param_sharding = sharding.param_shardings(boxed, mesh)
+    abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed))
+    replicated = sharding.replicated(mesh)
+    shardings = TrainState(
+        step=replicated,
+        params=param_sharding,
+        opt_state=sharding.state_shardings(tx, param_sharding, abstract_opt, mesh),
+        rng=replicated,
+    )
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=nn.unbox(boxed),
+        opt_state=abstract_opt,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    return jax.tree.map(with_sharding, abstract, shardings), shardings
+
+
 def create_state(model: EmbeddingModel, tx, mesh, seed: int, params=None):
     """A TrainState laid out on the mesh -> (state, state shardings).
 
     ``params`` (a numpy tree, e.g. from a Hugging Face folder) or, when None, random init.
     """
-    boxed = abstract_params(model)
-    param_sharding = sharding.param_shardings(boxed, mesh)
+    _, shardings = state_layout(model, tx, mesh)
     if params is None:
         init = lambda key: nn.unbox(model.init(key))  # noqa: E731
-        params = jax.jit(init, out_shardings=param_sharding)(jax.random.key(seed))
+        params = jax.jit(init, out_shardings=shardings.params)(jax.random.key(seed))
     else:
-        params = jax.device_put(params, param_sharding)
-    abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed))
-    opt_sharding = sharding.state_shardings(tx, param_sharding, abstract_opt, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
-    replicated = sharding.replicated(mesh)
+        params = jax.device_put(params, shardings.params)
     state = TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
         params=params,
-        opt_state=opt_state,
-        rng=jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), replicated),
+        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+        rng=jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), shardings.rng),
     )
-    state_sharding = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding, rng=replicated)
-    return state, state_sharding
+    return state, shardings
 
 
 def batch_shardings(mesh) -> dict:
@@ -212,3 +228,17 @@ def jit_train_step(config: StepConfig, tx, schedules: dict, mesh, state_sharding
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def abstract_batch(mesh, queries: int, group: int, query_length: int, passage_length: int, extra_positives: int = 1):
+    """ShapeDtypeStructs of a global batch (see the module doc), with their shardings."""
+    shapes = {
+        "query_ids": (queries, query_length),
+        "query_mask": (queries, query_length),
+        "passage_ids": (queries * group, passage_length),
+        "passage_mask": (queries * group, passage_length),
+        "passage_hashes": (queries * group,),
+        "positive_hashes": (queries, extra_positives),
+    }
+    shardings = batch_shardings(mesh)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shardings[k]) for k, shape in shapes.items()}
