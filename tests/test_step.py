@@ -124,7 +124,8 @@ def gradient_error(got, want):
     return max(errors.values())
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"data": 8}, {"data": 2, "fsdp": 4}], ids=["data8", "data2_fsdp4"])
+@pytest.mark.parametrize("mesh_sizes", [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}],
+                         ids=["data8", "data2_fsdp4", "data2_fsdp2_tensor2"])
 @pytest.mark.parametrize("query_negatives", [False, True], ids=["passages", "plus_queries"])
 def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes, query_negatives):
     assert len(jax.devices()) == 8
@@ -145,9 +146,10 @@ def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes
     assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
     assert 0 < float(metrics["masked_fraction"]) < 0.2
     assert gradient_error(grad, want_grad) <= 1e-5
-    if "fsdp" in mesh_sizes:  # parameters really are sharded
-        kernel = grad["layer_0"]["intermediate"]["kernel"]
-        assert kernel.sharding.shard_shape(kernel.shape) == (TINY.hidden_size // 4, TINY.intermediate_size)
+    # Parameters (and so their gradients) really are split: embed over fsdp, mlp over tensor.
+    kernel = grad["layer_0"]["intermediate"]["kernel"]
+    fsdp, tensor = mesh_sizes.get("fsdp", 1), mesh_sizes.get("tensor", 1)
+    assert kernel.sharding.shard_shape(kernel.shape) == (TINY.hidden_size // fsdp, TINY.intermediate_size // tensor)
 
 
 def compiled_step(mesh_sizes, batch, loss_config=None, encode_chunk=1):
