@@ -1,0 +1,127 @@
+"""Retrieval evaluation: encode corpus and queries, exact top-k search, metrics.
+
+    python -m pegjax.evaluate --model=DIR --task=T2Retrieval --task=path/to/scifact:test \\
+        [--data_dir=...] [--output=results.json] [--query_instruction=...]
+
+Tasks are registered names or folders (`pegjax.tasks`); a task whose data is missing is reported
+and the others go on. Results are printed as a table and written as JSON (per task and the mean).
+The same functions serve training's ``config.evals``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pegjax import metrics, search, tasks
+from pegjax.data.retrieval import RetrievalData
+
+TABLE_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@10")
+
+
+def retrieve(encoder, data: RetrievalData, k: int, query_instruction: str = "", batch_size: int = 64,
+             query_max_length: int | None = None, passage_max_length: int | None = None,
+             progress: bool | None = None) -> dict[str, dict[str, float]]:
+    """The top-k corpus documents of every query: {query_id: {doc_id: score}}."""
+    corpus = encoder.encode(data.corpus_texts, batch_size=batch_size, max_length=passage_max_length, show_progress=progress)
+    queries = encoder.encode([query_instruction + q for q in data.query_texts], batch_size=batch_size,
+                             max_length=query_max_length, show_progress=progress)
+    scores, index = search.top_k(queries, corpus, k)
+    return {
+        query_id: {data.corpus_ids[j]: float(s) for s, j in zip(row_scores, row_index)}
+        for query_id, row_scores, row_index in zip(data.query_ids, scores, index)
+    }
+
+
+def evaluate_data(encoder, data: RetrievalData, k_values: Sequence[int] = metrics.DEFAULT_K, **retrieve_args) -> dict:
+    run = retrieve(encoder, data, max(k_values), **retrieve_args)
+    mean, _, skipped = metrics.evaluate(data.qrels, run, k_values)
+    warnings = dict(data.warnings, **({"queries_without_relevant": skipped} if skipped else {}))
+    return {"metrics": mean, "queries": len(data.query_ids), "corpus": len(data.corpus_ids), "warnings": warnings}
+
+
+def evaluate_tasks(encoder, specs: Iterable[str], data_dir: str | None = None,
+                   k_values: Sequence[int] = metrics.DEFAULT_K, **retrieve_args) -> dict:
+    """Evaluates each task; missing tasks are listed under "missing" and skipped.
+
+    Returns {"tasks": {name: result}, "missing": {spec: message}, "mean": {metric: value}}.
+    """
+    results, missing = {}, {}
+    for spec in specs:
+        try:
+            task, data = tasks.load(spec, data_dir)
+        except tasks.MissingTask as err:
+            logging.warning("skipping task: %s", err)
+            missing[spec] = str(err)
+            continue
+        args = dict(retrieve_args)
+        args.setdefault("query_instruction", task.query_instruction)
+        result = evaluate_data(encoder, data, k_values, **args)
+        result["split"] = task.split
+        for name, count in result["warnings"].items():
+            logging.warning("%s: %d %s", task.name, count, name.replace("_", " "))
+        results[task.name] = result
+    names = [f"{m}@{k}" for m in metrics.METRICS for k in k_values]
+    mean = {n: float(np.mean([r["metrics"][n] for r in results.values()])) for n in names} if results else {}
+    return {"tasks": results, "missing": missing, "mean": mean}
+
+
+def format_table(report: dict, columns: Sequence[str] = TABLE_METRICS) -> str:
+    columns = [c for c in columns if not report["tasks"] or c in next(iter(report["tasks"].values()))["metrics"]]
+    lines = ["| task | split | queries | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    for name, result in report["tasks"].items():
+        values = " | ".join(f"{result['metrics'][c]:.4f}" for c in columns)
+        lines.append(f"| {name} | {result['split']} | {result['queries']} | {values} |")
+    if len(report["tasks"]) > 1:
+        lines.append("| mean | | | " + " | ".join(f"{report['mean'][c]:.4f}" for c in columns) + " |")
+    for spec, message in report["missing"].items():
+        lines.append(f"missing: {message}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    from pegjax.encode import Encoder
+
+    FLAGS = flags.FLAGS
+    encoder = Encoder.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
+    report = evaluate_tasks(
+        encoder, FLAGS.task, data_dir=FLAGS.data_dir, k_values=[int(k) for k in FLAGS.k],
+        batch_size=FLAGS.batch_size, query_max_length=FLAGS.query_max_length,
+        passage_max_length=FLAGS.passage_max_length, progress=True,
+        **({"query_instruction": FLAGS.query_instruction} if FLAGS.query_instruction is not None else {}),
+    )
+    print(format_table(report))
+    if FLAGS.output:
+        with open(FLAGS.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+        print(f"wrote {FLAGS.output}")
+    if not report["tasks"]:
+        raise SystemExit("no task could be evaluated")
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "Hugging Face / pegjax model folder.", required=True)
+    flags.DEFINE_multi_string("task", None, "Registered task name or folder[:split].", required=True)
+    flags.DEFINE_string("data_dir", None, f"Folder of registered tasks (default ${tasks.DATA_ENV}).")
+    flags.DEFINE_list("k", [str(k) for k in metrics.DEFAULT_K], "Cut-offs.")
+    flags.DEFINE_integer("batch_size", 64, "Encoding batch size.")
+    flags.DEFINE_integer("query_max_length", None, "Query max tokens (default: the model's).")
+    flags.DEFINE_integer("passage_max_length", None, "Passage max tokens (default: the model's).")
+    flags.DEFINE_string("query_instruction", None, "Prefix added to every query (default: the task's, none).")
+    flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
+    flags.DEFINE_string("output", None, "Write the results JSON here.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,167 @@
+"""Exact maximum-inner-product search, the one search function of evaluation and mining.
+
+The corpus is split over all devices; each device scans its rows in blocks of ``block`` rows,
+scoring a batch of queries against one block at a time and keeping a running top-k, so the full
+[Q, N] score matrix never exists. The per-device top-k lists are then merged. A corpus larger than
+device memory (or RAM, when it is a ``np.memmap``) is fed in slices of ``host_rows`` rows and the
+slices' top-k merged on the host.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+_AXIS = "shard"
+
+
+_GROUP = 32
+
+
+def _block_top_k(scores, valid, k):
+    """Exact top-k of [Q, B] scores over the columns where ``valid`` [B] bool is set, B a
+    multiple of 32 -> ([Q, k] f32, [Q, k] column i32).
+
+    Two stages, both exact: the k groups of 32 columns with the largest maxima hold every top-k
+    entry (an entry of the top k is at least the k-th largest group maximum), so a top-k over
+    those k*32 candidates gives the answer. XLA:CPU's top_k costs ~3x less this way than over B,
+    and the padding mask is applied inside the group reduction, not as a pass over [Q, B].
+    """
+    rows, width = scores.shape
+    if width <= 4 * k * _GROUP:
+        return jax.lax.top_k(jnp.where(valid[None, :], scores, -jnp.inf), k)
+    groups = scores.reshape(rows, width // _GROUP, _GROUP)
+    valid_groups = valid.reshape(width // _GROUP, _GROUP)
+    group_max = jnp.where(valid_groups[None], groups, -jnp.inf).max(axis=-1)
+    _, group_index = jax.lax.top_k(group_max, k)
+    candidates = jnp.take_along_axis(groups, group_index[..., None], axis=1)
+    candidates = jnp.where(valid_groups[group_index], candidates, -jnp.inf).reshape(rows, k * _GROUP)
+    top, position = jax.lax.top_k(candidates, k)
+    column = jnp.take_along_axis(group_index, position // _GROUP, axis=1) * _GROUP + position % _GROUP
+    return top, column
+
+
+def _merge(scores_a, index_a, scores_b, index_b, k):
+    scores = jnp.concatenate([scores_a, scores_b], axis=1)
+    index = jnp.concatenate([index_a, index_b], axis=1)
+    top, where = jax.lax.top_k(scores, k)
+    return top, jnp.take_along_axis(index, where, axis=1)
+
+
+@partial(jax.jit, static_argnames=("k", "block", "mesh"))
+def _search_slice(queries, corpus, valid_rows, offset, *, k, block, mesh):
+    """queries [Q, D] replicated; corpus [S*B*block, D] split over devices -> top-k ([Q, k] f32, [Q, k] i32)."""
+    devices = mesh.devices.size
+
+    def local(queries, corpus_shard, valid_rows, offset):
+        shard = jax.lax.axis_index(_AXIS)
+        rows = corpus_shard.shape[0]
+        blocks = corpus_shard.reshape(rows // block, block, -1)
+        start = offset + shard * rows
+
+        def body(carry, inputs):
+            best, best_index = carry
+            block_rows, block_number = inputs
+            scores = jnp.einsum("qd,nd->qn", queries, block_rows, preferred_element_type=jnp.float32)
+            row_ids = start + block_number * block + jnp.arange(block, dtype=jnp.int32)
+            top, where = _block_top_k(scores, row_ids < offset + valid_rows, min(k, block))
+            return _merge(best, best_index, top, row_ids[where], k), None
+
+        init = (jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32), jnp.full((queries.shape[0], k), -1, jnp.int32))
+        (best, best_index), _ = jax.lax.scan(body, init, (blocks, jnp.arange(blocks.shape[0], dtype=jnp.int32)))
+        # Every device's candidates to every device, then one final top-k.
+        all_best = jax.lax.all_gather(best, _AXIS, axis=1, tiled=True)
+        all_index = jax.lax.all_gather(best_index, _AXIS, axis=1, tiled=True)
+        top, where = jax.lax.top_k(all_best, k)
+        return top, jnp.take_along_axis(all_index, where, axis=1)
+
+    spec = PartitionSpec
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec(), spec(_AXIS), spec(), spec()),
+        out_specs=(spec(), spec()),
+        check_vma=False,
+    )(queries, corpus, valid_rows, offset)
+
+
+def search_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all (or the given) devices for search."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.array(devices), (_AXIS,))
+
+
+class Index:
+    """A corpus laid out for exact search: on the devices when it fits ``host_rows`` rows, else
+    read from the host array (a np.memmap works) ``host_rows`` rows at a time per search."""
+
+    def __init__(self, corpus: np.ndarray, *, block: int = 65536, host_rows: int = 1 << 20, mesh: Mesh | None = None):
+        self.corpus = corpus
+        self.size = corpus.shape[0]
+        self.mesh = mesh or search_mesh()
+        devices = self.mesh.devices.size
+        per_device = max(-(-min(host_rows, self.size) // devices), 1)
+        blocks = -(-per_device // block)
+        self.block = -(-per_device // blocks // _GROUP) * _GROUP  # equal blocks, multiples of 32
+        self.slice_rows = devices * blocks * self.block
+        self._sharding = NamedSharding(self.mesh, PartitionSpec(_AXIS))
+        self._resident = self._slice(0) if self.size <= self.slice_rows else None
+
+    def _slice(self, start):
+        rows = np.asarray(self.corpus[start : start + self.slice_rows], dtype=np.float32)
+        valid = rows.shape[0]
+        if valid < self.slice_rows:
+            rows = np.concatenate([rows, np.zeros((self.slice_rows - valid, rows.shape[1]), np.float32)])
+        return jax.device_put(rows, self._sharding), valid
+
+    def search(self, queries: np.ndarray, k: int, query_batch: int = 1024, progress: bool = False):
+        """queries [Q, D] float32 -> (scores [Q, k'] float32 descending, corpus rows [Q, k'] int64),
+        k' = min(k, corpus size)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        num_queries = queries.shape[0]
+        k = min(k, self.size)
+        if num_queries == 0 or k == 0:
+            return np.zeros((num_queries, k), np.float32), np.zeros((num_queries, k), np.int64)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        query_batch = min(query_batch, -(-num_queries // 8) * 8)
+        best_scores = np.full((num_queries, k), -np.inf, np.float32)
+        best_index = np.full((num_queries, k), -1, np.int64)
+        starts = range(0, self.size, self.slice_rows)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="search", unit="slice")
+        for start in starts:
+            rows, valid = self._resident if self._resident is not None else self._slice(start)
+            for q in range(0, num_queries, query_batch):
+                batch = queries[q : q + query_batch]
+                padded = np.zeros((query_batch, batch.shape[1]), np.float32)
+                padded[: len(batch)] = batch
+                scores, index = _search_slice(
+                    jax.device_put(padded, replicated), rows, jnp.int32(valid), jnp.int32(start),
+                    k=min(k, valid), block=self.block, mesh=self.mesh,
+                )
+                scores = np.asarray(scores)[: len(batch)]
+                index = np.asarray(index)[: len(batch)].astype(np.int64)
+                _merge_host(best_scores[q : q + len(batch)], best_index[q : q + len(batch)], scores, index)
+        return best_scores, best_index
+
+
+def top_k(queries: np.ndarray, corpus: np.ndarray, k: int, **index_args) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner-product search of [Q, D] queries over a [N, D] corpus (see `Index`)."""
+    progress = index_args.pop("progress", False)
+    return Index(corpus, **index_args).search(queries, k, progress=progress)
+
+
+def _merge_host(best_scores, best_index, scores, index):
+    """Merges a slice's top-k into the running top-k, in place."""
+    k = best_scores.shape[1]
+    all_scores = np.concatenate([best_scores, scores], axis=1)
+    all_index = np.concatenate([best_index, index], axis=1)
+    order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+    best_scores[:] = np.take_along_axis(all_scores, order, axis=1)
+    best_index[:] = np.take_along_axis(all_index, order, axis=1)
