@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +67,31 @@ def evaluate_tasks(encoder, specs: Iterable[str], data_dir: str | None = None,
     names = [f"{m}@{k}" for m in metrics.METRICS for k in k_values]
     mean = {n: float(np.mean([r["metrics"][n] for r in results.values()])) for n in names} if results else {}
     return {"tasks": results, "missing": missing, "mean": mean}
+
+
+def due(evals: Mapping[str, Mapping], step: int, final: bool = False) -> list[str]:
+    """Names of the evals to run at ``step``: every ``log_steps`` steps, and at the end."""
+    return [name for name, spec in evals.items()
+            if final or (spec.get("log_steps") and step % int(spec["log_steps"]) == 0)]
+
+
+def run_evals(encoder, evals: Mapping[str, Mapping], step: int, final: bool = False,
+              data_dir: str | None = None) -> dict[str, dict]:
+    """Runs the evals of ``config.evals`` due at ``step`` (big_vision style: each a named dict
+    ``{task, log_steps, k, query_instruction, query_max_length, passage_max_length, batch_size}``).
+
+    Returns {name: {metric: value}} for the evals run; a missing task is logged and skipped.
+    """
+    results = {}
+    for name in due(evals, step, final):
+        spec = dict(evals[name])
+        k_values = tuple(spec.pop("k", metrics.DEFAULT_K))
+        task = spec.pop("task")
+        spec.pop("log_steps", None)
+        report = evaluate_tasks(encoder, [task], data_dir=data_dir, k_values=k_values, **spec)
+        if report["tasks"]:
+            results[name] = next(iter(report["tasks"].values()))["metrics"]
+    return results
 
 
 def format_table(report: dict, columns: Sequence[str] = TABLE_METRICS) -> str:
