@@ -69,10 +69,15 @@ class Encoder:
         )
         return cls(model, params, load_tokenizer(path), max_length)
 
-    def save_pretrained(self, folder: str) -> None:
-        """Writes a Hugging Face BERT folder: config.json, model.safetensors, tokenizer files."""
-        hf.save(folder, self.model.config, jax.device_get(self.params))
-        self.tokenizer.save_pretrained(folder)
+    def save_pretrained(self, folder: str, **card) -> None:
+        """Writes a model folder that transformers and sentence-transformers load as is (see
+        `pegjax.export`); ``card``: query_prompt, passage_prompt, training, results."""
+        from pegjax.export import write_model_folder
+
+        write_model_folder(
+            folder, self.model.config, jax.device_get(self.params), self.tokenizer,
+            pooling=self.model.pooling, normalize=self.model.normalize, max_length=self.max_length, **card,
+        )
 
     @property
     def dimension(self) -> int:

@@ -1,0 +1,132 @@
+"""Model folders that sentence-transformers, transformers, mteb and text-embeddings-inference load
+unchanged.
+
+    python -m pegjax.export --model=DIR --out=DIR [--pooling=cls] [--query_prompt=...]
+
+A folder holds the Hugging Face BERT files (``config.json``, ``model.safetensors``, tokenizer) and
+the sentence-transformers files that say how to pool: ``modules.json``, ``1_Pooling/config.json``
+(the pooling actually trained: CLS or mean — a CLS model exported as mean-pooled would embed
+silently wrong), ``2_Normalize`` when embeddings are normalised, ``sentence_bert_config.json``
+(max length) and ``config_sentence_transformers.json`` (query/passage prompts), plus a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+from pegjax.models import hf
+from pegjax.models.bert import BertConfig
+
+
+def _write_json(path: str, body) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(body, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_model_folder(
+    folder: str,
+    config: BertConfig,
+    params,
+    tokenizer,
+    pooling: str,
+    normalize: bool,
+    max_length: int,
+    query_prompt: str = "",
+    passage_prompt: str = "",
+    training: Mapping | None = None,
+    results: Mapping | None = None,
+) -> None:
+    """Writes the whole folder (see the module doc). ``params``: numpy or jax tree, float32."""
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"pooling={pooling!r}: exportable poolings are 'cls' and 'mean'")
+    hf.save(folder, config, params)
+    tokenizer.save_pretrained(folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(folder, "2_Normalize"), exist_ok=True)
+    _write_json(os.path.join(folder, "modules.json"), modules)
+    _write_json(os.path.join(folder, "1_Pooling", "config.json"), {
+        "word_embedding_dimension": config.hidden_size,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False,
+        "include_prompt": True,
+    })
+    _write_json(os.path.join(folder, "sentence_bert_config.json"), {"max_seq_length": max_length, "do_lower_case": False})
+    prompts = {name: text for name, text in (("query", query_prompt), ("document", passage_prompt)) if text}
+    _write_json(os.path.join(folder, "config_sentence_transformers.json"), {
+        "model_type": "SentenceTransformer",
+        "prompts": prompts,
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if normalize else "dot",
+    })
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(config, pooling, normalize, max_length, prompts, training, results))
+
+
+def model_card(config, pooling, normalize, max_length, prompts, training, results) -> str:
+    lines = [
+        "---",
+        "library_name: sentence-transformers",
+        "pipeline_tag: sentence-similarity",
+        "tags: [sentence-transformers, feature-extraction, retrieval, pegjax]",
+        "---",
+        "",
+        "# Text-embedding model trained with pegjax",
+        "",
+        f"BERT encoder, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+        f"{pooling.upper()} pooling{', L2-normalised' if normalize else ''}, max length {max_length} tokens.",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "model = SentenceTransformer(\"PATH\")",
+        "embeddings = model.encode([\"a query\", \"a passage\"]" + (", prompt_name=\"query\"" if "query" in prompts else "") + ")",
+        "```",
+        "",
+    ]
+    if prompts:
+        lines += ["Prompts: " + ", ".join(f"{k}: `{v}`" for k, v in prompts.items()), ""]
+    if results:
+        lines += ["## Evaluation", "", "| eval | metric | value |", "|---|---|---|"]
+        for name, values in results.items():
+            for metric, value in values.items():
+                lines.append(f"| {name} | {metric} | {value:.4f} |")
+        lines.append("")
+    if training:
+        lines += ["## Training configuration", "", "```json", json.dumps(training, indent=2, ensure_ascii=False, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    from pegjax.encode import Encoder
+
+    FLAGS = flags.FLAGS
+    encoder = Encoder.from_pretrained(FLAGS.model, pooling=FLAGS.pooling, normalize=FLAGS.normalize)
+    encoder.save_pretrained(FLAGS.out, query_prompt=FLAGS.query_prompt, passage_prompt=FLAGS.passage_prompt)
+    print(f"wrote {FLAGS.out} ({encoder.model.pooling} pooling, normalize={encoder.model.normalize})")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("model", None, "Model folder to export.", required=True)
+    flags.DEFINE_string("out", None, "Output folder.", required=True)
+    flags.DEFINE_enum("pooling", None, ["cls", "mean"], "Override the pooling (default: the model's).")
+    flags.DEFINE_boolean("normalize", None, "Override normalisation (default: the model's).")
+    flags.DEFINE_string("query_prompt", "", "Prompt prepended to queries.")
+    flags.DEFINE_string("passage_prompt", "", "Prompt prepended to passages.")
+    app.run(main)
