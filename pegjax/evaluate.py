@@ -24,9 +24,18 @@ TABLE_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@10")
 
 def retrieve(encoder, data: RetrievalData, k: int, query_instruction: str = "", batch_size: int = 64,
              query_max_length: int | None = None, passage_max_length: int | None = None,
-             progress: bool | None = None) -> dict[str, dict[str, float]]:
-    """The top-k corpus documents of every query: {query_id: {doc_id: score}}."""
-    corpus = encoder.encode(data.corpus_texts, batch_size=batch_size, max_length=passage_max_length, show_progress=progress)
+             progress: bool | None = None, corpus_cache_dir: str | None = None) -> dict[str, dict[str, float]]:
+    """The top-k corpus documents of every query: {query_id: {doc_id: score}}.
+
+    ``corpus_cache_dir``: reuse (or write) the corpus embeddings cached by model and texts, as
+    mining does; used when the passage length is the encoder's own.
+    """
+    if corpus_cache_dir and passage_max_length in (None, encoder.max_length):
+        from pegjax.mine import encode_corpus
+
+        corpus = encode_corpus(encoder, data.corpus_texts, corpus_cache_dir, batch_size)
+    else:
+        corpus = encoder.encode(data.corpus_texts, batch_size=batch_size, max_length=passage_max_length, show_progress=progress)
     queries = encoder.encode([query_instruction + q for q in data.query_texts], batch_size=batch_size,
                              max_length=query_max_length, show_progress=progress)
     scores, index = search.top_k(queries, corpus, k)
@@ -76,7 +85,7 @@ def due(evals: Mapping[str, Mapping], step: int, final: bool = False) -> list[st
 
 
 def run_evals(encoder, evals: Mapping[str, Mapping], step: int, final: bool = False,
-              data_dir: str | None = None) -> dict[str, dict]:
+              data_dir: str | None = None, corpus_cache_dir: str | None = None) -> dict[str, dict]:
     """Runs the evals of ``config.evals`` due at ``step`` (big_vision style: each a named dict
     ``{task, log_steps, k, query_instruction, query_max_length, passage_max_length, batch_size}``).
 
@@ -88,6 +97,8 @@ def run_evals(encoder, evals: Mapping[str, Mapping], step: int, final: bool = Fa
         k_values = tuple(spec.pop("k", metrics.DEFAULT_K))
         task = spec.pop("task")
         spec.pop("log_steps", None)
+        if corpus_cache_dir:
+            spec["corpus_cache_dir"] = corpus_cache_dir
         report = evaluate_tasks(encoder, [task], data_dir=data_dir, k_values=k_values, **spec)
         if report["tasks"]:
             results[name] = next(iter(report["tasks"].values()))["metrics"]

@@ -49,7 +49,7 @@ class TrainState:
 class StepConfig:
     model: EmbeddingModel
     loss: LossConfig
-    encode_chunk: int = 32  # rows per batch shard encoded at once (activation memory)
+    encode_chunk: int = 32  # at most this many rows per batch shard encoded at once (activation memory)
     dropout: bool = True
 
 
@@ -78,12 +78,11 @@ def encode_in_chunks(model: EmbeddingModel, params, ids, mask, chunk: int, mesh=
     shards = 1 if mesh is None else sharding.batch_shards(mesh)
     count, length = ids.shape
     rows = count // shards
-    chunk = min(chunk, rows)
-    if count % shards or rows % chunk:
-        raise ValueError(
-            f"config.encode_chunk={chunk}: the {rows} rows per shard ({count} / {shards} shards) "
-            "must be a multiple of it"
-        )
+    if count % shards:
+        raise ValueError(f"{count} rows do not split over {shards} batch shards; make config.train.queries_per_step a multiple")
+    # The largest chunk <= config.train.encode_chunk that divides the rows (queries and passages
+    # per shard differ by the group size, so one setting serves both).
+    chunk = max(c for c in range(1, min(chunk, rows) + 1) if rows % c == 0)
     chunks = rows // chunk
 
     def to_chunks(x):  # [N, L] -> [chunks, shards * chunk, L], rows of every shard in each chunk
@@ -143,15 +142,21 @@ def train_step(state: TrainState, batch, *, config: StepConfig, tx, beta_schedul
     gamma = jnp.asarray(gamma_schedule(state.step), jnp.float32)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if config.dropout else None
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, beta, gamma, rng, config, mesh)
+    (loss, metrics), grads = grad_fn(state.params, batch, beta, gamma, rng, config, mesh)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient never reaches the weights; the loop stops or skips on it.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = dict(
         metrics,
         beta=beta,
         gamma=gamma,
         learning_rate=jnp.asarray(learning_rate(state.step), jnp.float32),
-        grad_norm=optax.tree.norm(grads),
+        grad_norm=grad_norm,
+        nonfinite=1.0 - finite.astype(jnp.float32),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 

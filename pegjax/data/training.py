@@ -1,0 +1,222 @@
+"""Training data: FlagEmbedding JSONL -> checked records in an ArrayRecord cache -> grain batches.
+
+Input: one JSON object a line, ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with
+optional ``prompt`` (prepended to the query), ``pos_scores`` / ``neg_scores`` (lists of numbers);
+one file or many, plain or ``.gz``. Every line is checked (valid UTF-8, valid JSON, non-empty
+query, non-empty list of non-empty positive strings, negatives strings). A bad line is an error
+naming file and line, or with ``on_bad_line="skip"`` it is left out and counted by reason; the
+counts are reported and stored with the cache.
+
+Checked records are written once, streaming (memory does not grow with the input), to an
+ArrayRecord file (the format TFDS and grain read) in a cache folder keyed by the input's content;
+a second run reads the cache. The grain pipeline then: shuffles with a seed (a fresh order each
+epoch), gives each process its share, and per example and epoch picks a positive and H hard
+negatives with a seeded generator, tokenizes to fixed shapes, and hashes texts for false-negative
+masking. Its iterator state is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+from typing import Iterator
+
+import numpy as np
+
+from pegjax.data.retrieval import DataError
+
+FORMAT_VERSION = "2"
+
+
+def text_hash(text: str) -> int:
+    """A non-zero int32 hash of a text (0 means "unknown" to the loss)."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "little") & 0x7FFFFFFF or 1
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def parse_line(raw: bytes, where: str) -> dict:
+    """One input line -> {"query", "pos", "neg"}; DataError naming ``where`` otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: invalid UTF-8 (bad_utf8); re-encode the file as UTF-8") from None
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON (bad_json): {err.msg}") from None
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object (bad_json)")
+    query = item.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise DataError(f"{where}: 'query' must be a non-empty string (bad_query)")
+    positives = item.get("pos")
+    if not isinstance(positives, list) or not positives:
+        raise DataError(f"{where}: 'pos' must be a non-empty list of strings (bad_pos)")
+    if not all(isinstance(p, str) and p.strip() for p in positives):
+        raise DataError(f"{where}: every 'pos' entry must be a non-empty string (bad_pos)")
+    negatives = item.get("neg", [])
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        raise DataError(f"{where}: 'neg' must be a list of non-empty strings (bad_neg)")
+    prompt = item.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: 'prompt' must be a string (bad_prompt)")
+    return {"query": prompt + query, "pos": positives, "neg": negatives, "source": where}
+
+
+def read_records(paths: list[str], on_bad_line: str, stats: dict) -> Iterator[dict]:
+    """Checked records of every file, in order; ``stats`` counts lines, records and skips."""
+    if on_bad_line not in ("error", "skip"):
+        raise ValueError(f"config.data.on_bad_line={on_bad_line!r}: use 'error' or 'skip'")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such training file (config.data.train_files)")
+        with _open(path) as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                stats["lines"] += 1
+                try:
+                    record = parse_line(raw.rstrip(b"\r\n"), f"{path}:{number}")
+                except DataError as err:
+                    if on_bad_line == "error":
+                        raise DataError(f"{err} -- fix the line, or set config.data.on_bad_line=skip") from None
+                    reason = str(err).rsplit("(", 1)[-1].split(")")[0]
+                    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+                    continue
+                stats["records"] += 1
+                yield record
+
+
+def build_cache(paths: list[str], cache_dir: str, on_bad_line: str) -> tuple[str, dict]:
+    """Writes (once) the checked records as ArrayRecord -> (record file, stats)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    digest = hashlib.sha1(f"{FORMAT_VERSION}:{on_bad_line}".encode())
+    for path in paths:
+        digest.update(path.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    folder = os.path.join(cache_dir, digest.hexdigest()[:24])
+    record_path = os.path.join(folder, "train.array_record")
+    stats_path = os.path.join(folder, "stats.json")
+    if os.path.isfile(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
+            return record_path, json.load(f)
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    stats = {"lines": 0, "records": 0, "skipped": {}, "files": paths}
+    writer = ArrayRecordWriter(os.path.join(partial, "train.array_record"), "group_size:1")
+    try:
+        for record in read_records(paths, on_bad_line, stats):
+            writer.write(json.dumps(record, ensure_ascii=False).encode("utf-8"))
+    finally:
+        writer.close()
+    if stats["records"] == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"{', '.join(paths)}: no usable training line ({stats['lines']} lines read)")
+    with open(os.path.join(partial, "stats.json"), "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)  # a half-written cache never looks complete
+    return record_path, stats
+
+
+class ExampleMaker:
+    """Record + rng -> fixed-shape arrays of one query and its G = 1 + H passages."""
+
+    def __init__(self, tokenizer, source, hard_negatives: int, query_length: int, passage_length: int,
+                 max_extra_positives: int, too_few_negatives: str):
+        if too_few_negatives not in ("error", "fill"):
+            raise ValueError(f"config.data.too_few_negatives={too_few_negatives!r}: use 'error' or 'fill'")
+        self.tokenizer = tokenizer
+        self.source = source
+        self.hard = hard_negatives
+        self.query_length = query_length
+        self.passage_length = passage_length
+        self.extra = max_extra_positives
+        self.too_few = too_few_negatives
+
+    def _ids(self, texts, length):
+        from pegjax.data.tokenizer import pad_batch, tokenize
+
+        return pad_batch(tokenize(self.tokenizer, texts, length), length, len(texts), self.tokenizer.pad_token_id or 0)
+
+    def __call__(self, raw: bytes, rng: np.random.Generator) -> dict:
+        record = json.loads(raw)
+        positives = record["pos"]
+        positive = positives[rng.integers(len(positives))]
+        negatives = record["neg"]
+        filled = 0
+        if len(negatives) >= self.hard:
+            chosen = [negatives[i] for i in rng.choice(len(negatives), self.hard, replace=False)]
+        elif self.too_few == "error":
+            raise DataError(
+                f"{record['source']}: {len(negatives)} negatives, {self.hard} needed (config.data.hard_negatives): "
+                "mine more (python -m pegjax.mine) or set config.data.too_few_negatives=fill"
+            )
+        else:
+            chosen = list(negatives)
+            own = {text_hash(p) for p in positives}
+            while len(chosen) < self.hard:
+                other = json.loads(self.source[int(rng.integers(len(self.source)))])
+                candidate = other["pos"][0]
+                if text_hash(candidate) not in own:
+                    chosen.append(candidate)
+                    filled += 1
+        passages = [positive] + chosen
+        query_ids, query_mask = self._ids([record["query"]], self.query_length)
+        passage_ids, passage_mask = self._ids(passages, self.passage_length)
+        extra = [text_hash(p) for p in positives if p != positive][: self.extra]
+        return {
+            "query_ids": query_ids[0],
+            "query_mask": query_mask[0],
+            "passage_ids": passage_ids,
+            "passage_mask": passage_mask,
+            "passage_hashes": np.array([text_hash(p) for p in passages], np.int32),
+            "positive_hashes": np.array((extra + [0] * self.extra)[: self.extra] or [0], np.int32),
+            "filled_negatives": np.int32(filled),
+        }
+
+
+def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int = 0, process_count: int = 1):
+    """A grain IterDataset of host-local batches (dict of numpy arrays, leading dim = this
+    process's queries per step); its iterator state is checkpointable."""
+    import grain
+
+    data = config.data
+    queries = config.train.queries_per_step
+    if queries % process_count:
+        raise ValueError(f"config.train.queries_per_step={queries} does not split over {process_count} processes")
+    source = grain.sources.ArrayRecordDataSource([record_path])
+    maker = ExampleMaker(tokenizer, source, data.hard_negatives, data.query_length, data.passage_length,
+                         data.max_extra_positives, data.too_few_negatives)
+    dataset = (
+        grain.MapDataset.source(source)
+        .seed(seed)
+        .shuffle()
+        .repeat()  # a fresh order every epoch
+        .random_map(maker)
+    )
+    dataset = dataset[process_index::process_count]
+    iterable = dataset.to_iter_dataset().batch(queries // process_count, drop_remainder=True)
+    if data.workers > 0:
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
+    return iterable
+
+
+def flatten_groups(batch: dict) -> dict:
+    """[B, G, L] passages -> [B*G, L] rows (query i's group contiguous, positive first)."""
+    out = dict(batch)
+    for key in ("passage_ids", "passage_mask"):
+        value = batch[key]
+        out[key] = value.reshape(-1, value.shape[-1])
+    out["passage_hashes"] = batch["passage_hashes"].reshape(-1)
+    return out

