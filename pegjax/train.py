@@ -91,6 +91,7 @@ class _Preemption:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     check(config)
+    workdir = os.path.abspath(workdir)  # Orbax writes only to absolute paths
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)

@@ -197,3 +197,23 @@ def test_misspelled_config_key_fails_before_any_work(tmp_path):
                 "--config.train.stepz=3"])
     assert done.returncode != 0 and 'Did you mean "steps"' in done.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_prompt_or_query_prefix_is_prepended(tmp_path, shared_data):
+    from configs.peg import base_config
+    from pegjax.data.tokenizer import load_tokenizer
+
+    path = tmp_path / "prompts.jsonl"
+    negatives = [f"负例{i}" for i in range(5)]
+    path.write_text(json.dumps({"query": "高血压", "pos": ["正例"], "neg": negatives, "prompt": "问："}, ensure_ascii=False) + "\n"
+                    + json.dumps({"query": "高血压", "pos": ["正例"], "neg": negatives}, ensure_ascii=False) + "\n")
+    record_path, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
+    tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
+    config = base_config()
+    config.train.queries_per_step = 2
+    config.data.query_length = config.data.passage_length = 12
+    config.data.query_prefix = "查询："
+    batch = next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
+    queries = sorted(tokenizer.decode(ids[mask > 0], skip_special_tokens=True).replace(" ", "")
+                     for ids, mask in zip(batch["query_ids"], batch["query_mask"]))
+    assert queries == ["问：高血压", "查询：高血压"]

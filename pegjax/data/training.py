@@ -1,7 +1,7 @@
 """Training data: FlagEmbedding JSONL -> checked records in an ArrayRecord cache -> grain batches.
 
 Input: one JSON object a line, ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with
-optional ``prompt`` (prepended to the query), ``pos_scores`` / ``neg_scores`` (lists of numbers);
+optional ``prompt`` (prepended to the query; lines without one get ``config.data.query_prefix``), ``pos_scores`` / ``neg_scores`` (lists of numbers);
 one file or many, plain or ``.gz``. Every line is checked (valid UTF-8, valid JSON, non-empty
 query, non-empty list of non-empty positive strings, negatives strings). A bad line is an error
 naming file and line, or with ``on_bad_line="skip"`` it is left out and counted by reason; the
@@ -28,7 +28,7 @@ import numpy as np
 
 from pegjax.data.retrieval import DataError
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 
 
 def text_hash(text: str) -> int:
@@ -63,10 +63,10 @@ def parse_line(raw: bytes, where: str) -> dict:
     negatives = item.get("neg", [])
     if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
         raise DataError(f"{where}: 'neg' must be a list of non-empty strings (bad_neg)")
-    prompt = item.get("prompt", "")
-    if not isinstance(prompt, str):
+    prompt = item.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
         raise DataError(f"{where}: 'prompt' must be a string (bad_prompt)")
-    return {"query": prompt + query, "pos": positives, "neg": negatives, "source": where}
+    return {"query": query, "prompt": prompt, "pos": positives, "neg": negatives, "source": where}
 
 
 def read_records(paths: list[str], on_bad_line: str, stats: dict) -> Iterator[dict]:
@@ -133,7 +133,7 @@ class ExampleMaker:
     """Record + rng -> fixed-shape arrays of one query and its G = 1 + H passages."""
 
     def __init__(self, tokenizer, source, hard_negatives: int, query_length: int, passage_length: int,
-                 max_extra_positives: int, too_few_negatives: str):
+                 max_extra_positives: int, too_few_negatives: str, query_prefix: str = ""):
         if too_few_negatives not in ("error", "fill"):
             raise ValueError(f"config.data.too_few_negatives={too_few_negatives!r}: use 'error' or 'fill'")
         self.tokenizer = tokenizer
@@ -143,6 +143,7 @@ class ExampleMaker:
         self.passage_length = passage_length
         self.extra = max_extra_positives
         self.too_few = too_few_negatives
+        self.query_prefix = query_prefix
 
     def _ids(self, texts, length):
         from pegjax.data.tokenizer import pad_batch, tokenize
@@ -172,7 +173,8 @@ class ExampleMaker:
                     chosen.append(candidate)
                     filled += 1
         passages = [positive] + chosen
-        query_ids, query_mask = self._ids([record["query"]], self.query_length)
+        prompt = record["prompt"] if record["prompt"] is not None else self.query_prefix
+        query_ids, query_mask = self._ids([prompt + record["query"]], self.query_length)
         passage_ids, passage_mask = self._ids(passages, self.passage_length)
         extra = [text_hash(p) for p in positives if p != positive][: self.extra]
         return {
@@ -197,7 +199,7 @@ def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int 
         raise ValueError(f"config.train.queries_per_step={queries} does not split over {process_count} processes")
     source = grain.sources.ArrayRecordDataSource([record_path])
     maker = ExampleMaker(tokenizer, source, data.hard_negatives, data.query_length, data.passage_length,
-                         data.max_extra_positives, data.too_few_negatives)
+                         data.max_extra_positives, data.too_few_negatives, data.query_prefix)
     dataset = (
         grain.MapDataset.source(source)
         .seed(seed)
