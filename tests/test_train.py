@@ -217,3 +217,18 @@ def test_prompt_or_query_prefix_is_prepended(tmp_path, shared_data):
     queries = sorted(tokenizer.decode(ids[mask > 0], skip_special_tokens=True).replace(" ", "")
                      for ids, mask in zip(batch["query_ids"], batch["query_mask"]))
     assert queries == sorted(["问：高血压", "查询：高血压"])
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(shared_data, train_file, tmp_path, policy):
+    # A learning rate of 1e38 overflows the weights on the first update that goes through.
+    done = run(tiny_args(shared_data, tmp_path, train_file, "--config.optimizer.learning_rate.peak=1e38",
+                         "--config.optimizer.clip_norm=0", "--config.train.steps=6", "--config.optimizer.learning_rate.warmup_steps=0",
+                         f"--config.train.on_nonfinite={policy}"))
+    if policy == "stop":
+        assert done.returncode != 0
+        assert "non-finite loss or gradient at step" in done.stderr and "on_nonfinite=skip" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+        assert sum(line["skipped_updates"] for line in lines) > 0
