@@ -44,6 +44,9 @@ class Checkpoints:
         )
         return restored.state, restored.data
 
+    def restore_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -1,6 +1,7 @@
 """Model folders that sentence-transformers, transformers, mteb and text-embeddings-inference load
 unchanged.
 
+    python -m pegjax.export --checkpoint=WORKDIR[/STEP] --out=DIR     # a trained model
     python -m pegjax.export --model=DIR --out=DIR [--pooling=cls] [--query_prompt=...]
 
 A folder holds the Hugging Face BERT files (``config.json``, ``model.safetensors``, tokenizer) and
@@ -115,18 +116,37 @@ def main(argv):
     from pegjax.encode import Encoder
 
     FLAGS = flags.FLAGS
-    encoder = Encoder.from_pretrained(FLAGS.model, pooling=FLAGS.pooling, normalize=FLAGS.normalize)
-    encoder.save_pretrained(FLAGS.out, query_prompt=FLAGS.query_prompt, passage_prompt=FLAGS.passage_prompt)
+    if bool(FLAGS.model) == bool(FLAGS.checkpoint):
+        raise SystemExit("error: pass exactly one of --model=DIR or --checkpoint=WORKDIR[/STEP]")
+    card = {"query_prompt": FLAGS.query_prompt, "passage_prompt": FLAGS.passage_prompt}
+    if FLAGS.checkpoint:
+        from pegjax import train
+
+        try:
+            config, step, model, params, tokenizer = train.restore_params(FLAGS.checkpoint)
+        except train.ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+        import dataclasses
+
+        model = dataclasses.replace(model, pooling=FLAGS.pooling or model.pooling,
+                                    normalize=model.normalize if FLAGS.normalize is None else FLAGS.normalize)
+        encoder = Encoder(model, params, tokenizer, config.data.passage_length)
+        card.update(query_prompt=FLAGS.query_prompt or config.data.query_prefix,
+                    training=dict(config.to_dict(), exported_step=step))
+    else:
+        encoder = Encoder.from_pretrained(FLAGS.model, pooling=FLAGS.pooling, normalize=FLAGS.normalize)
+    encoder.save_pretrained(FLAGS.out, **card)
     print(f"wrote {FLAGS.out} ({encoder.model.pooling} pooling, normalize={encoder.model.normalize})")
 
 
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("model", None, "Model folder to export.", required=True)
+    flags.DEFINE_string("model", None, "Model folder to export (re-export, e.g. with another pooling).")
+    flags.DEFINE_string("checkpoint", None, "Training workdir (its latest checkpoint) or WORKDIR/STEP.")
     flags.DEFINE_string("out", None, "Output folder.", required=True)
-    flags.DEFINE_enum("pooling", None, ["cls", "mean"], "Override the pooling (default: the model's).")
-    flags.DEFINE_boolean("normalize", None, "Override normalisation (default: the model's).")
-    flags.DEFINE_string("query_prompt", "", "Prompt prepended to queries.")
+    flags.DEFINE_enum("pooling", None, ["cls", "mean"], "Override the pooling (default: the trained one).")
+    flags.DEFINE_boolean("normalize", None, "Override normalisation (default: the trained one).")
+    flags.DEFINE_string("query_prompt", "", "Prompt prepended to queries (default: config.data.query_prefix).")
     flags.DEFINE_string("passage_prompt", "", "Prompt prepended to passages.")
     app.run(main)

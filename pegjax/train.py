@@ -77,6 +77,43 @@ def build_model(config):
     return model, params, tokenizer
 
 
+def optimizer_and_schedules(config):
+    """(optax AdamW, {"beta", "gamma", "learning_rate"} schedules) of a config."""
+    lr = schedules.learning_rate(config.optimizer.learning_rate, config.train.steps)
+    knobs = {
+        "beta": schedules.knob(config.progressive.beta, "beta"),
+        "gamma": schedules.knob(config.progressive.gamma, "gamma"),
+        "learning_rate": lr,
+    }
+    return make_optimizer(lr, config.optimizer.weight_decay, config.optimizer.clip_norm or None), knobs
+
+
+def restore_params(checkpoint: str):
+    """``WORKDIR`` (latest step) or ``WORKDIR/checkpoints/STEP`` or ``WORKDIR/STEP`` ->
+    (config, step, EmbeddingModel, params as numpy, tokenizer)."""
+    import ml_collections
+
+    path = os.path.abspath(checkpoint.rstrip("/"))
+    step = None
+    if os.path.basename(path).isdigit():
+        step, path = int(os.path.basename(path)), os.path.dirname(path)
+    directory = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{checkpoint}: no checkpoints folder; pass a training workdir or WORKDIR/STEP")
+    checkpoints = Checkpoints(directory, keep=1_000_000, async_save=False)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None or step not in checkpoints.manager.all_steps():
+        raise ConfigError(f"{checkpoint}: no checkpoint at step {step}; have {checkpoints.manager.all_steps()}")
+    config = ml_collections.ConfigDict(checkpoints.restore_config(step))
+    model, _, tokenizer = build_model(config)
+    tx, _ = optimizer_and_schedules(config)
+    mesh = sharding.make_mesh({"data": -1})
+    abstract, _ = state_layout(model, tx, mesh)
+    state, _ = checkpoints.restore(step, abstract)
+    checkpoints.close()
+    return config, step, model, jax.device_get(state.params), tokenizer
+
+
 class _Preemption:
     """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
 
@@ -115,13 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     iterator = iter(dataset)
 
     steps = config.train.steps
-    lr = schedules.learning_rate(config.optimizer.learning_rate, steps)
-    knobs = {
-        "beta": schedules.knob(config.progressive.beta, "beta"),
-        "gamma": schedules.knob(config.progressive.gamma, "gamma"),
-        "learning_rate": lr,
-    }
-    tx = make_optimizer(lr, config.optimizer.weight_decay, config.optimizer.clip_norm or None)
+    tx, knobs = optimizer_and_schedules(config)
     state, state_sharding = create_state(model, tx, mesh, config.seed, params)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.best_metric,
                               async_save=config.train.async_checkpoints)

@@ -232,3 +232,22 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(shared_data, train_f
         assert done.returncode == 0, done.stderr[-3000:]
         lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
         assert sum(line["skipped_updates"] for line in lines) > 0
+
+
+def test_export_from_checkpoint_equals_the_runs_own_export(uninterrupted, tmp_path):
+    out = tmp_path / "from_checkpoint"
+    done = run([sys.executable, "-m", "pegjax.export", f"--checkpoint={uninterrupted}", f"--out={out}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = exported(uninterrupted), load_file(str(out / "model.safetensors"))
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_cls_token"] is True  # the paper recipe pools CLS
+    card = (out / "README.md").read_text()
+    assert '"exported_step": 12' in card
+    earlier = tmp_path / "step9"
+    done = run([sys.executable, "-m", "pegjax.export", f"--checkpoint={uninterrupted}/checkpoints/9", f"--out={earlier}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert any(not np.array_equal(load_file(str(earlier / "model.safetensors"))[k], want[k]) for k in want)
+    missing = run([sys.executable, "-m", "pegjax.export", f"--checkpoint={uninterrupted}/checkpoints/4", f"--out={tmp_path / 'x'}"])
+    assert missing.returncode != 0 and "no checkpoint at step 4" in missing.stderr
