@@ -24,7 +24,9 @@ import os
 import numpy as np
 
 from pegjax import search
-from pegjax.data.retrieval import DataError, load_beir
+from pegjax.data.jsonl import DataError, lines, objects, titled_text
+from pegjax.data.retrieval import load_beir
+from pegjax.data.training import parse_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,35 +77,13 @@ def from_pairs(path: str, corpus_path: str | None = None) -> MiningInput:
         return row[key]
 
     queries, positives = [], []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DataError(f"{where}: not valid UTF-8 JSON ({err})") from None
-            query, pos = item.get("query") if isinstance(item, dict) else None, item.get("pos") if isinstance(item, dict) else None
-            if not isinstance(query, str) or not query.strip():
-                raise DataError(f"{where}: 'query' must be a non-empty string")
-            if not isinstance(pos, list) or not pos or not all(isinstance(p, str) and p.strip() for p in pos):
-                raise DataError(f"{where}: 'pos' must be a non-empty list of non-empty strings")
-            queries.append(query)
-            positives.append([add(p) for p in pos])
+    for where, raw in lines(path):
+        record = parse_line(raw, where)  # the training data's own check: same layout
+        queries.append(record["query"])
+        positives.append([add(p) for p in record["pos"]])
     if corpus_path:
-        with open(corpus_path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                if raw.strip():
-                    try:
-                        item = json.loads(raw.decode("utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                        raise DataError(f"{corpus_path}:{number}: not valid UTF-8 JSON ({err})") from None
-                    text = item.get("text") if isinstance(item, dict) else None
-                    if not isinstance(text, str):
-                        raise DataError(f"{corpus_path}:{number}: field 'text' must be a string")
-                    title = item.get("title") or ""
-                    add(f"{title} {text}".strip() if title else text)
+        for where, item in objects(corpus_path):
+            add(titled_text(item, where))
     return MiningInput(queries, positives, corpus)
 
 

@@ -109,7 +109,7 @@ GOOD_QUERIES = [b'{"_id": "q1", "text": "alpha?"}', b'{"_id": "q2", "text": "bet
     (b'{"_id": "d3", "text": "gamma"', r"corpus.jsonl:3: not valid JSON"),
     (b'{"_id": "d3", "text": 7}', r"corpus.jsonl:3: field 'text' must be a string"),
     (b'{"text": "gamma"}', r"corpus.jsonl:3: missing id field \(_id or id\)"),
-    (b'{"_id": "d3", "text": "\xff\xfe"}', r"corpus.jsonl:3: not valid UTF-8"),
+    (b'{"_id": "d3", "text": "\xff\xfe"}', r"corpus.jsonl:3: invalid UTF-8"),
 ])
 def test_malformed_corpus_line_names_file_and_line(tmp_path, line, message):
     write_beir(tmp_path / "t", GOOD_CORPUS + [line], GOOD_QUERIES, ["q1\td1\t1"])

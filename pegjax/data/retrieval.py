@@ -21,9 +21,7 @@ import glob
 import json
 import os
 
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and line and what to do."""
+from pegjax.data.jsonl import DataError, objects, titled_text
 
 
 @dataclasses.dataclass
@@ -38,30 +36,12 @@ class RetrievalData:
 
 def _read_jsonl(path: str, id_keys: tuple[str, ...], with_title: bool):
     ids, texts = [], []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not valid UTF-8; re-encode the file as UTF-8") from None
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            key = next((k for k in id_keys if k in row), None)
-            if key is None:
-                raise DataError(f"{where}: missing id field ({' or '.join(id_keys)})")
-            text = row.get("text")
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field 'text' must be a string")
-            title = row.get("title") or ""
-            if with_title and not isinstance(title, str):
-                raise DataError(f"{where}: field 'title' must be a string")
-            ids.append(str(row[key]))
-            texts.append(f"{title} {text}".strip() if with_title and title else text)
+    for where, row in objects(path):
+        key = next((k for k in id_keys if k in row), None)
+        if key is None:
+            raise DataError(f"{where}: missing id field ({' or '.join(id_keys)})")
+        ids.append(str(row[key]))
+        texts.append(titled_text(row, where, with_title))
     return ids, texts
 
 

@@ -17,7 +17,6 @@ masking. Its iterator state is saved in checkpoints.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pegjax.data.retrieval import DataError
+from pegjax.data.jsonl import DataError, decode_object, lines
 
 FORMAT_VERSION = "3"
 
@@ -36,22 +35,9 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "little") & 0x7FFFFFFF or 1
 
 
-def _open(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
 def parse_line(raw: bytes, where: str) -> dict:
-    """One input line -> {"query", "pos", "neg"}; DataError naming ``where`` otherwise."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{where}: invalid UTF-8 (bad_utf8); re-encode the file as UTF-8") from None
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON (bad_json): {err.msg}") from None
-    if not isinstance(item, dict):
-        raise DataError(f"{where}: expected a JSON object (bad_json)")
+    """One input line -> {"query", "prompt", "pos", "neg", "source"}; DataError naming ``where``."""
+    item = decode_object(raw, where)
     query = item.get("query")
     if not isinstance(query, str) or not query.strip():
         raise DataError(f"{where}: 'query' must be a non-empty string (bad_query)")
@@ -76,21 +62,18 @@ def read_records(paths: list[str], on_bad_line: str, stats: dict) -> Iterator[di
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such training file (config.data.train_files)")
-        with _open(path) as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                stats["lines"] += 1
-                try:
-                    record = parse_line(raw.rstrip(b"\r\n"), f"{path}:{number}")
-                except DataError as err:
-                    if on_bad_line == "error":
-                        raise DataError(f"{err} -- fix the line, or set config.data.on_bad_line=skip") from None
-                    reason = str(err).rsplit("(", 1)[-1].split(")")[0]
-                    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
-                    continue
-                stats["records"] += 1
-                yield record
+        for where, raw in lines(path):
+            stats["lines"] += 1
+            try:
+                record = parse_line(raw, where)
+            except DataError as err:
+                if on_bad_line == "error":
+                    raise DataError(f"{err} -- fix the line, or set config.data.on_bad_line=skip") from None
+                reason = str(err).rsplit("(", 1)[-1].split(")")[0]
+                stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+                continue
+            stats["records"] += 1
+            yield record
 
 
 def build_cache(paths: list[str], cache_dir: str, on_bad_line: str) -> tuple[str, dict]:
