@@ -92,7 +92,7 @@ def build_cache(paths: list[str], cache_dir: str, on_bad_line: str) -> tuple[str
     if os.path.isfile(stats_path):
         with open(stats_path, encoding="utf-8") as f:
             return record_path, json.load(f)
-    partial = folder + ".partial"
+    partial = f"{folder}.partial-{os.getpid()}"  # several processes may build the same cache at once
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     stats = {"lines": 0, "records": 0, "skipped": {}, "files": paths}
@@ -107,8 +107,12 @@ def build_cache(paths: list[str], cache_dir: str, on_bad_line: str) -> tuple[str
         raise DataError(f"{', '.join(paths)}: no usable training line ({stats['lines']} lines read)")
     with open(os.path.join(partial, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)  # a half-written cache never looks complete
+    try:
+        os.replace(partial, folder)  # a half-written cache never looks complete
+    except OSError:  # another process finished the same cache first: theirs is identical
+        shutil.rmtree(partial, ignore_errors=True)
+        if not os.path.isfile(stats_path):
+            raise
     return record_path, stats
 
 
