@@ -26,6 +26,8 @@ _CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_A
 def _maybe_initialize_distributed():
     import jax
 
+    if os.environ.get("PEGJAX_CPU_COLLECTIVES"):  # CPU processes talk through gloo (launch/local.sh)
+        jax.config.update("jax_cpu_collectives_implementation", os.environ["PEGJAX_CPU_COLLECTIVES"])
     if FLAGS.coordinator:
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     elif os.environ.get("SLURM_NTASKS", "1") != "1" or any(os.environ.get(k) for k in _CLUSTER_ENV[1:]):

@@ -187,15 +187,20 @@ def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int 
     source = grain.sources.ArrayRecordDataSource([record_path])
     maker = ExampleMaker(tokenizer, source, data.hard_negatives, data.query_length, data.passage_length,
                          data.max_extra_positives, data.too_few_negatives, data.query_prefix)
-    dataset = (
+    stream = (
         grain.MapDataset.source(source)
         .seed(seed)
         .shuffle()
         .repeat()  # a fresh order every epoch
-        .random_map(maker)
+        .random_map(maker)  # each element's randomness follows from its index in the stream
     )
-    dataset = dataset[process_index::process_count]
-    iterable = dataset.to_iter_dataset().batch(queries // process_count, drop_remainder=True)
+    # Process p builds rows [p*b, (p+1)*b) of every global batch of ``queries`` rows, b its share:
+    # the global batch is the same, row for row, whatever the process count.
+    share = queries // process_count
+    local = grain.MapDataset.range(len(stream) // process_count).map(
+        lambda j: stream[(j // share) * queries + process_index * share + j % share]
+    )
+    iterable = local.to_iter_dataset().batch(share, drop_remainder=True)
     if data.workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     return iterable

@@ -1,0 +1,73 @@
+"""Two processes x 4 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives) train
+exactly what one process x 8 devices trains, and resume from their own checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from test_train import REPO, tiny_args
+
+
+def local_run(args, workdir, processes, devices, env_extra=None):
+    """launch/local.sh with the tiny config; returns the finished process."""
+    env = dict(os.environ, PYTHON=sys.executable, NUM_PROCESSES=str(processes), DEVICES_PER_PROCESS=str(devices),
+               PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen(["bash", "launch/local.sh", *args[3:]], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def losses(workdir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl")) if "loss" in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def one_process(shared_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one")
+    data = tmp_path_factory.mktemp("data") / "triples.jsonl"
+    with open(shared_data / "stsb_zh_triples" / "bge_finetune_data.jsonl", encoding="utf-8") as src, open(data, "w", encoding="utf-8") as dst:
+        for line, _ in zip(src, range(40)):
+            dst.write(line)
+    process = local_run(tiny_args(shared_data, workdir, data), workdir, processes=1, devices=8)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return workdir, data
+
+
+def test_two_processes_train_what_one_process_trains(shared_data, one_process, tmp_path):
+    reference, data = one_process
+    process = local_run(tiny_args(shared_data, tmp_path, data), tmp_path, processes=2, devices=4)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    np.testing.assert_allclose(losses(tmp_path), losses(reference), rtol=1e-5)
+    want, got = load_file(str(reference / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+
+
+def test_two_process_run_killed_resumes_from_its_checkpoint(shared_data, one_process, tmp_path):
+    reference, data = one_process
+    args = tiny_args(shared_data, tmp_path, data)
+    process = local_run(args, tmp_path, processes=2, devices=4)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if checkpoints.is_dir() and any(d.isdigit() and int(d) >= 6 and (checkpoints / d / "commit_success.txt").exists()
+                                        for d in os.listdir(checkpoints)):
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # both processes, as a lost job would
+    process.communicate()
+    assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
+    resumed = local_run(args, tmp_path, processes=2, devices=4)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert json.load(open(tmp_path / "report.json"))["start_step"] >= 6
+    want, got = load_file(str(reference / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
