@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+# shellcheck disable=SC1091  # made by the line above
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e .

@@ -2,17 +2,19 @@
 # N processes on this machine (127.0.0.1), each with its own CPU devices, joined by JAX's
 # distributed runtime with gloo collectives: a multi-host run without accelerators.
 #   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 bash launch/local.sh --config=configs/peg.py:demo --workdir=runs/local
+#   MODULE=pegjax.evaluate bash launch/local.sh --model=DIR --task=FOLDER:test    (any pegjax command)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NUM_PROCESSES=${NUM_PROCESSES:-2}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-4}
 PORT=${PORT:-$((20000 + RANDOM % 20000))}
 PYTHON=${PYTHON:-python}
+MODULE=${MODULE:-pegjax.main}
 export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}"
 export PEGJAX_CPU_COLLECTIVES=gloo
 pids=()
 for ((i = 0; i < NUM_PROCESSES; i++)); do
-  "$PYTHON" -m pegjax.main --coordinator="127.0.0.1:${PORT}" --num_processes="${NUM_PROCESSES}" \
+  "$PYTHON" -m "$MODULE" --coordinator="127.0.0.1:${PORT}" --num_processes="${NUM_PROCESSES}" \
     --process_id="$i" "$@" &
   pids+=("$!")
 done

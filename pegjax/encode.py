@@ -35,7 +35,8 @@ class Encoder:
 
     def __init__(self, model: EmbeddingModel, params, tokenizer, max_length: int):
         self.model = model
-        self.params = jax.device_put(params)
+        # Process-local: each process encodes its own texts, also in a multi-process run.
+        self.params = jax.device_put(params, jax.local_devices()[0])
         self.tokenizer = tokenizer
         self.max_length = min(max_length, model.config.max_position_embeddings)
         # Pooled without normalisation: one compiled function serves both settings.

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pegjax import metrics, search, tasks
+from pegjax import distributed, metrics, search, tasks
 from pegjax.data.retrieval import RetrievalData
 
 TABLE_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@10")
@@ -30,19 +30,27 @@ def retrieve(encoder, data: RetrievalData, k: int, query_instruction: str = "", 
     ``corpus_cache_dir``: reuse (or write) the corpus embeddings cached by model and texts, as
     mining does; used when the passage length is the encoder's own.
     """
-    if corpus_cache_dir and passage_max_length in (None, encoder.max_length):
+    import jax
+
+    if corpus_cache_dir and passage_max_length in (None, encoder.max_length) and jax.process_count() == 1:
         from pegjax.mine import encode_corpus
 
         corpus = encode_corpus(encoder, data.corpus_texts, corpus_cache_dir, batch_size)
-    else:
-        corpus = encoder.encode(data.corpus_texts, batch_size=batch_size, max_length=passage_max_length, show_progress=progress)
-    queries = encoder.encode([query_instruction + q for q in data.query_texts], batch_size=batch_size,
+    else:  # with several processes, each encodes its block of the texts and all gather the rows
+        corpus = _encode_shared(encoder, data.corpus_texts, batch_size=batch_size, max_length=passage_max_length,
+                                show_progress=progress)
+    queries = _encode_shared(encoder, [query_instruction + q for q in data.query_texts], batch_size=batch_size,
                              max_length=query_max_length, show_progress=progress)
-    scores, index = search.top_k(queries, corpus, k)
+    scores, index = search.top_k(queries, corpus, k, mesh=search.search_mesh(jax.local_devices()))
     return {
         query_id: {data.corpus_ids[j]: float(s) for s, j in zip(row_scores, row_index)}
         for query_id, row_scores, row_index in zip(data.query_ids, scores, index)
     }
+
+
+def _encode_shared(encoder, texts, **encode_args) -> np.ndarray:
+    share = distributed.process_share(len(texts))
+    return distributed.gather_rows(encoder.encode(texts[share], **encode_args), len(texts))
 
 
 def evaluate_data(encoder, data: RetrievalData, k_values: Sequence[int] = metrics.DEFAULT_K, **retrieve_args) -> dict:
@@ -124,14 +132,20 @@ def main(argv):
 
     from pegjax.encode import Encoder
 
+    import jax
+
     FLAGS = flags.FLAGS
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
+    lead = jax.process_index() == 0
     encoder = Encoder.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
     report = evaluate_tasks(
         encoder, FLAGS.task, data_dir=FLAGS.data_dir, k_values=[int(k) for k in FLAGS.k],
         batch_size=FLAGS.batch_size, query_max_length=FLAGS.query_max_length,
-        passage_max_length=FLAGS.passage_max_length, progress=True,
+        passage_max_length=FLAGS.passage_max_length, progress=lead,
         **({"query_instruction": FLAGS.query_instruction} if FLAGS.query_instruction is not None else {}),
     )
+    if not lead:
+        return
     print(format_table(report))
     if FLAGS.output:
         with open(FLAGS.output, "w", encoding="utf-8") as f:
@@ -154,6 +168,10 @@ def _define_flags():
     flags.DEFINE_string("query_instruction", None, "Prefix added to every query (default: the task's, none).")
     flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
     flags.DEFINE_string("output", None, "Write the results JSON here.")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without SLURM/TPU).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+    flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds before the other processes give up on a silent one.")
 
 
 if __name__ == "__main__":

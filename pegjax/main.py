@@ -7,7 +7,6 @@ several processes, a log line saying which process and devices this is, then
 
 import json
 import logging
-import os
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -18,21 +17,8 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the exported m
 flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without SLURM/TPU).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds before the other processes give up on a silent one.")
 FLAGS = flags.FLAGS
-
-_CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _maybe_initialize_distributed():
-    import jax
-
-    if os.environ.get("PEGJAX_CPU_COLLECTIVES"):  # CPU processes talk through gloo (launch/local.sh)
-        jax.config.update("jax_cpu_collectives_implementation", os.environ["PEGJAX_CPU_COLLECTIVES"])
-    if FLAGS.coordinator:
-        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    elif os.environ.get("SLURM_NTASKS", "1") != "1" or any(os.environ.get(k) for k in _CLUSTER_ENV[1:]):
-        jax.distributed.initialize()
-
 
 def main(argv):
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
@@ -41,13 +27,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/peg.py:demo")
-    from pegjax import train
+    from pegjax import distributed, train
 
     try:
         train.check(FLAGS.config)  # a config that cannot run fails before any work
     except train.ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    _maybe_initialize_distributed()
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     import jax
 
     if jax.process_index() == 0:

@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from pegjax import evaluate, mine, schedules, sharding
+from pegjax import distributed, evaluate, mine, schedules, sharding
 from pegjax.checkpoint import Checkpoints
 from pegjax.data import training
 from pegjax.data.tokenizer import load_tokenizer
@@ -180,7 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def run_evals(at_step, final=False):
         if not evals:
             return {}
-        results = evaluate.run_evals(encoder_of(state.params), evals, at_step, final=final,
+        results = evaluate.run_evals(encoder_of(distributed.to_host(state.params)), evals, at_step, final=final,
                                      data_dir=config.eval_data_dir or None, corpus_cache_dir=corpus_cache)
         flat = {f"{name}/{metric}": value for name, values in results.items() for metric, value in values.items()}
         if flat:
@@ -239,9 +239,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpoints.close()
     log.close()
     report.update(after=final, steps=steps, train_seconds=round(train_seconds, 1), data=stats, filled_negatives=filled)
+    final_params = distributed.to_host(state.params) if config.train.export else None  # every process takes part
     if config.train.export and lead:
         export_dir = os.path.join(workdir, "export")
-        encoder_of(jax.device_get(state.params)).save_pretrained(
+        encoder_of(final_params).save_pretrained(
             export_dir, query_prompt=config.data.query_prefix, training=config_json, results=_nest(final))
         report["export"] = export_dir
     if lead:

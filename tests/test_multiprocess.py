@@ -71,3 +71,54 @@ def test_two_process_run_killed_resumes_from_its_checkpoint(shared_data, one_pro
     want, got = load_file(str(reference / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+
+
+def test_evaluation_with_two_processes_gives_the_metrics_of_one(minilm_path, shared_data, tmp_path):
+    from test_evaluate import subset, write_beir
+
+    from pegjax.data.retrieval import load_beir
+
+    data = subset(load_beir(str(shared_data / "scifact"), "test"), extra_docs=150)
+    folder = tmp_path / "scifact_small"
+    write_beir(folder, [json.dumps({"_id": i, "text": t}).encode() for i, t in zip(data.corpus_ids, data.corpus_texts)],
+               [json.dumps({"_id": i, "text": t}).encode() for i, t in zip(data.query_ids, data.query_texts)],
+               [f"{q}\t{d}\t{s}" for q, rel in data.qrels.items() for d, s in rel.items()])
+    reports = {}
+    for processes in (1, 2):
+        out = tmp_path / f"results{processes}.json"
+        process = local_run(["", "", "", f"--model={minilm_path}", f"--task={folder}", "--k=10,100",
+                             "--passage_max_length=128", f"--output={out}"], tmp_path, processes=processes, devices=2,
+                            env_extra={"MODULE": "pegjax.evaluate"})
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+        reports[processes] = json.loads(out.read_text())["tasks"]["scifact_small"]
+    assert reports[1]["queries"] == reports[2]["queries"] == 300
+    for name, value in reports[1]["metrics"].items():
+        assert reports[2]["metrics"][name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_killing_one_process_ends_the_other_with_a_clear_error_then_resumes(shared_data, one_process, tmp_path):
+    reference, data = one_process
+    args = tiny_args(shared_data, tmp_path, data, "--heartbeat_timeout=10")
+    process = local_run(args, tmp_path, processes=2, devices=4)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if checkpoints.is_dir() and any(d.isdigit() and (checkpoints / d / "commit_success.txt").exists()
+                                        for d in os.listdir(checkpoints)):
+            break
+        time.sleep(0.05)
+    second = subprocess.run(["pgrep", "-g", str(process.pid), "-f", "process_id=1"], capture_output=True, text=True)
+    os.kill(int(second.stdout.split()[0]), signal.SIGKILL)
+    killed_at = time.time()
+    _, err = process.communicate(timeout=240)
+    assert process.returncode != 0
+    assert time.time() - killed_at < 120
+    assert "another task died" in err
+    resumed = local_run(args, tmp_path, processes=2, devices=4)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert json.load(open(tmp_path / "report.json"))["start_step"] >= 3
+    want, got = load_file(str(reference / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)

@@ -1,0 +1,69 @@
+"""Joining JAX's multi-controller runtime, and moving arrays between processes and the host.
+
+``initialize`` is called by every entry point: with ``--coordinator/--num_processes/--process_id``
+flags, under SLURM with several tasks, or on a TPU pod it calls ``jax.distributed.initialize()``;
+for a single process it does nothing. ``PEGJAX_CPU_COLLECTIVES=gloo`` (set by launch/local.sh)
+lets CPU processes run collectives over TCP.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               heartbeat_timeout: int = 100) -> None:
+    """A process that stops answering for ``heartbeat_timeout`` seconds makes every other process
+    exit with "the JAX distributed service detected fatal errors ... another task died"."""
+    import jax
+
+    if os.environ.get("PEGJAX_CPU_COLLECTIVES"):
+        jax.config.update("jax_cpu_collectives_implementation", os.environ["PEGJAX_CPU_COLLECTIVES"])
+    if coordinator:
+        host = coordinator.rsplit(":", 1)[0]
+        jax.distributed.initialize(
+            coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout,
+            # a loopback coordinator listens on loopback only
+            coordinator_bind_address=coordinator if host in ("127.0.0.1", "localhost") else None,
+        )
+    elif os.environ.get("SLURM_NTASKS", "1") != "1" or any(os.environ.get(k) for k in _CLUSTER_ENV):
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def to_host(tree):
+    """Global arrays (sharded over any processes) -> the same tree of full numpy arrays, on every
+    process."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def gather_rows(local: np.ndarray, total: int) -> np.ndarray:
+    """Each process's contiguous block of rows (``process_share``) -> all ``total`` rows, on every
+    process."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return local
+    per = -(-total // jax.process_count())
+    padded = np.zeros((per, *local.shape[1:]), local.dtype)
+    padded[: len(local)] = local
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [processes, per, ...]
+    return gathered.reshape(-1, *local.shape[1:])[:total]
+
+
+def process_share(total: int) -> slice:
+    """This process's contiguous block of ``total`` rows."""
+    import jax
+
+    per = -(-total // jax.process_count())
+    start = min(jax.process_index() * per, total)
+    return slice(start, min(start + per, total))
