@@ -56,7 +56,7 @@ def main():
 
     small = compiled_memory(MINILM, {"data": 8}, args.queries, 6, 32, 128, chunk=4, block=4, dtype="float32")
     large = compiled_memory(MINILM, {"data": 8}, 8 * args.queries, 6, 32, 128, chunk=4, block=4, dtype="float32")
-    print(f"MiniLM shape, data=8, chunk 4 rows/device, lengths 32/128, per device:")
+    print("MiniLM shape, data=8, chunk 4 rows/device, lengths 32/128, per device:")
     print(f"  Q={args.queries:6d} ({args.queries * 6:6d} passages): {describe(small)}")
     print(f"  Q={8 * args.queries:6d} ({8 * args.queries * 6:6d} passages): {describe(large)}")
     print(f"  temp ratio 8Q/Q: {large.temp_size_in_bytes / small.temp_size_in_bytes:.2f}x (goal <= 1.5x)")

@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from pegjax import search
-from pegjax.data.jsonl import DataError, lines, objects, titled_text
+from pegjax.data.jsonl import DataError, lines, objects, titled_text  # noqa: F401  (DataError: part of this module's API)
 from pegjax.data.retrieval import load_beir
 from pegjax.data.training import parse_line
 

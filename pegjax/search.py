@@ -55,7 +55,6 @@ def _merge(scores_a, index_a, scores_b, index_b, k):
 @partial(jax.jit, static_argnames=("k", "block", "mesh"))
 def _search_slice(queries, corpus, valid_rows, offset, *, k, block, mesh):
     """queries [Q, D] replicated; corpus [S*B*block, D] split over devices -> top-k ([Q, k] f32, [Q, k] i32)."""
-    devices = mesh.devices.size
 
     def local(queries, corpus_shard, valid_rows, offset):
         shard = jax.lax.axis_index(_AXIS)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from test_train import REPO, tiny_args
+from test_train import REPO, tiny_args, wait_for_checkpoint
 
 
 def local_run(args, workdir, processes, devices, env_extra=None):
@@ -54,13 +54,7 @@ def test_two_process_run_killed_resumes_from_its_checkpoint(shared_data, one_pro
     reference, data = one_process
     args = tiny_args(shared_data, tmp_path, data)
     process = local_run(args, tmp_path, processes=2, devices=4)
-    checkpoints = tmp_path / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if checkpoints.is_dir() and any(d.isdigit() and int(d) >= 6 and (checkpoints / d / "commit_success.txt").exists()
-                                        for d in os.listdir(checkpoints)):
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(process, tmp_path, 6)
     os.killpg(process.pid, signal.SIGKILL)  # both processes, as a lost job would
     process.communicate()
     assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
@@ -101,13 +95,7 @@ def test_killing_one_process_ends_the_other_with_a_clear_error_then_resumes(shar
     reference, data = one_process
     args = tiny_args(shared_data, tmp_path, data, "--heartbeat_timeout=10")
     process = local_run(args, tmp_path, processes=2, devices=4)
-    checkpoints = tmp_path / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if checkpoints.is_dir() and any(d.isdigit() and (checkpoints / d / "commit_success.txt").exists()
-                                        for d in os.listdir(checkpoints)):
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(process, tmp_path, 3)
     second = subprocess.run(["pgrep", "-g", str(process.pid), "-f", "process_id=1"], capture_output=True, text=True)
     os.kill(int(second.stdout.split()[0]), signal.SIGKILL)
     killed_at = time.time()

@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from pegjax import sharding
-from pegjax.loss import LossConfig, contrastive_loss
+from pegjax.loss import LossConfig
 from pegjax.models.bert import BertConfig, EmbeddingModel
 from pegjax.step import StepConfig, batch_shardings, loss_and_metrics
 

@@ -59,6 +59,17 @@ def uninterrupted(shared_data, train_file, tmp_path_factory):
     return workdir
 
 
+def wait_for_checkpoint(process, workdir, at_least: int, timeout: float = 300) -> None:
+    """Returns once a checkpoint of step >= ``at_least`` has committed (or the process ended)."""
+    checkpoints = workdir / "checkpoints"
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if checkpoints.is_dir() and any(d.isdigit() and int(d) >= at_least and (checkpoints / d / "commit_success.txt").exists()
+                                        for d in os.listdir(checkpoints)):
+            return
+        time.sleep(0.02)
+
+
 def exported(workdir):
     return load_file(os.path.join(workdir, "export", "model.safetensors"))
 
@@ -85,15 +96,7 @@ def test_sigkill_then_same_command_resumes_to_identical_weights(shared_data, tra
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = random.Random().choice([3, 6, 9])  # kill after a random checkpoint has committed
-    checkpoints = tmp_path / "checkpoints"
-    deadline = time.time() + 300
-
-    def committed():
-        return [int(d) for d in os.listdir(checkpoints)
-                if d.isdigit() and (checkpoints / d / "commit_success.txt").exists()] if checkpoints.is_dir() else []
-
-    while time.time() < deadline and process.poll() is None and not any(s >= target for s in committed()):
-        time.sleep(0.02)
+    wait_for_checkpoint(process, tmp_path, target)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
@@ -160,8 +163,6 @@ def test_skipping_bad_lines_trains_on_the_good_ones_and_reports_counts(shared_da
 
 
 def test_too_few_negatives_errors_or_fills(tmp_path, shared_data):
-    import grain  # noqa: F401
-
     from pegjax.data.tokenizer import load_tokenizer
 
     path = tmp_path / "few.jsonl"
