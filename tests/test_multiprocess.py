@@ -26,6 +26,23 @@ def losses(workdir):
     return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl")) if "loss" in json.loads(line)]
 
 
+def assert_same_weights(workdir, reference):
+    want = load_file(str(reference / "export" / "model.safetensors"))
+    got = load_file(str(workdir / "export" / "model.safetensors"))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+
+
+def resume_and_match(args, workdir, reference, at_least):
+    """The same 2-process command again: it resumes from step >= ``at_least`` and ends on the
+    reference weights."""
+    resumed = local_run(args, workdir, processes=2, devices=4)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert json.load(open(workdir / "report.json"))["start_step"] >= at_least
+    assert_same_weights(workdir, reference)
+
+
 @pytest.fixture(scope="module")
 def one_process(shared_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one")
@@ -45,9 +62,7 @@ def test_two_processes_train_what_one_process_trains(shared_data, one_process, t
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
     np.testing.assert_allclose(losses(tmp_path), losses(reference), rtol=1e-5)
-    want, got = load_file(str(reference / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+    assert_same_weights(tmp_path, reference)
 
 
 def test_two_process_run_killed_resumes_from_its_checkpoint(shared_data, one_process, tmp_path):
@@ -58,13 +73,7 @@ def test_two_process_run_killed_resumes_from_its_checkpoint(shared_data, one_pro
     os.killpg(process.pid, signal.SIGKILL)  # both processes, as a lost job would
     process.communicate()
     assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
-    resumed = local_run(args, tmp_path, processes=2, devices=4)
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-3000:]
-    assert json.load(open(tmp_path / "report.json"))["start_step"] >= 6
-    want, got = load_file(str(reference / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+    resume_and_match(args, tmp_path, reference, at_least=6)
 
 
 def test_evaluation_with_two_processes_gives_the_metrics_of_one(minilm_path, shared_data, tmp_path):
@@ -103,10 +112,4 @@ def test_killing_one_process_ends_the_other_with_a_clear_error_then_resumes(shar
     assert process.returncode != 0
     assert time.time() - killed_at < 120
     assert "another task died" in err
-    resumed = local_run(args, tmp_path, processes=2, devices=4)
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-3000:]
-    assert json.load(open(tmp_path / "report.json"))["start_step"] >= 3
-    want, got = load_file(str(reference / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+    resume_and_match(args, tmp_path, reference, at_least=3)
