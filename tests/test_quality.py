@@ -1,0 +1,85 @@
+"""The quality study's configs and its report: what a reader of bench/RESULTS.md relies on."""
+
+import json
+import os
+
+import pytest
+
+from bench import quality, quality_report
+from pegjax import schedules, train
+
+
+def _paths(tmp_path):
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"] * 5}) + "\n")
+    return {"train": str(train_file), "validation": f"{tmp_path}:validation", "report": f"{tmp_path}:test"}
+
+
+@pytest.mark.parametrize("task", sorted(quality.TASKS))
+def test_variants_differ_only_in_what_they_claim(task, tmp_path):
+    """Same data, model and budget; the in-batch variant has no hard negatives and no
+    progressive weights, hardneg adds the negatives only, peg adds the schedules."""
+    paths = _paths(tmp_path)
+    configs = {v: quality.config_of(quality.Run(quality.TASKS[task], v, quality.TASKS[task].batch, 1), paths)
+               for v in quality.GROUPS["core"]}
+    for config in configs.values():
+        train.check(config)
+        assert config.seed == 1 and config.data.train_files == paths["train"]
+    assert configs["inbatch"].data.hard_negatives == 0 and configs["hardneg"].data.hard_negatives == 5
+    steps = configs["peg"].train.steps
+    for name in ("inbatch", "hardneg"):
+        beta = schedules.knob(configs[name].progressive.beta, "beta")
+        gamma = schedules.knob(configs[name].progressive.gamma, "gamma")
+        assert float(beta(0)) == float(beta(steps)) == 0.0 and float(gamma(0)) == float(gamma(steps)) == 0.0
+    beta = schedules.knob(configs["peg"].progressive.beta, "beta")
+    gamma = schedules.knob(configs["peg"].progressive.gamma, "gamma")
+    assert (float(beta(0)), float(beta(steps)), float(gamma(0)), float(gamma(steps))) == (0.0, 2.0, 1.0, 0.0)
+    plain = {k: v for k, v in configs["peg"].to_dict().items() if k not in ("progressive",)}
+    assert plain == {k: v for k, v in configs["hardneg"].to_dict().items() if k not in ("progressive",)}
+
+
+def test_batch_sweep_keeps_the_epochs(tmp_path):
+    task = quality.TASKS["scifact"]
+    runs = [quality.Run(task, "peg", batch, 0) for batch in task.sweep]
+    configs = [quality.config_of(run, _paths(tmp_path)) for run in runs]
+    assert {c.train.queries_per_step * c.train.steps for c in configs} == {task.queries_seen}
+    names = [run.name for run in quality.plan(["scifact"], [0], ["sweep"])]
+    assert names == [f"peg@{b}" for b in task.sweep if b != task.batch]
+
+
+def _fake_run(out, task, name, seed, ndcg, split="test"):
+    folder = os.path.join(out, "runs", task, name, f"seed{seed}")
+    os.makedirs(folder)
+    after = {f"{split}/ndcg@10": ndcg, f"{split}/recall@100": 0.9, f"{split}/mrr@10": ndcg - 0.05,
+             "validation/ndcg@10": ndcg + 0.01}
+    with open(os.path.join(folder, "report.json"), "w") as f:
+        json.dump({"after": after, "train_seconds": 10.0, "wall_seconds": 12.0}, f)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for step in range(1, 21):
+            row = {"step": step, "unweighted_loss": 2.0 / step, "beta": 0.1 * step, "gamma": 1 - step / 20}
+            if step % 10 == 0:
+                row["validation/ndcg@10"] = ndcg * step / 20
+            f.write(json.dumps(row) + "\n")
+
+
+def test_report_tables_verdicts_and_plots(tmp_path):
+    out = str(tmp_path / "out")
+    for seed, (a, b, c) in enumerate([(0.50, 0.60, 0.61), (0.52, 0.61, 0.59), (0.51, 0.62, 0.60)]):
+        _fake_run(out, "scifact", "inbatch", seed, a)
+        _fake_run(out, "scifact", "hardneg", seed, b)
+        _fake_run(out, "scifact", "peg", seed, c)
+        _fake_run(out, "scifact", "peg@8", seed, c - 0.1)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nkept text\n")
+    plots = tmp_path / "plots"
+    quality_report.write(out, [quality.TASKS["scifact"]], str(results), str(plots))
+    page = results.read_text()
+    assert page.startswith("# Benchmark results\n\nkept text\n")
+    assert "| 3. + progressive weighting (PEG) | 16 | 20 | 0.6000 ± 0.0100 |" in page
+    assert "hard negatives help (2 vs 1): +0.1000 (largest std 0.0100): **holds**" in page
+    assert "progressive weighting helps beyond them (3 vs 2): -0.0100 (largest std 0.0100): **not shown**" in page
+    assert "(batch 16 vs 8): +0.1000" in page
+    for name in ("curves_scifact.png", "schedules.png", "batch_size.png"):
+        assert (plots / name).read_bytes()[:4] == b"\x89PNG"
+    quality_report.write(out, [quality.TASKS["scifact"]], str(results), str(plots))  # rewrites, never appends
+    assert results.read_text() == page
