@@ -286,6 +286,8 @@ def execute(run: Run, paths: dict, out: str) -> dict:
     config = config_of(run, paths)
     begin = time.perf_counter()
     report = train.train_and_evaluate(config, workdir)
+    if "preempted_at" in report:  # SIGTERM: not a finished run; the study stops, a rerun resumes
+        raise SystemExit(f"{workdir}: stopped by SIGTERM at step {report['preempted_at']}; run the same command to resume")
     report["wall_seconds"] = round(time.perf_counter() - begin, 1)
     with open(report_path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)

@@ -68,7 +68,10 @@ def verdict(better: dict, worse: dict, metric: str = "ndcg@10") -> str:
         return "not run"
     gain = better[metric]["mean"] - worse[metric]["mean"]
     spread = max(better[metric]["std"], worse[metric]["std"])
-    if better[metric]["min"] > worse[metric]["max"]:
+    seeds = min(len(better[metric]["values"]), len(worse[metric]["values"]))
+    if seeds < 3:
+        word = f"**undecided**: {seeds} seed(s), 3 needed"
+    elif better[metric]["min"] > worse[metric]["max"]:
         word = "**holds**: every seed above every seed of the other"
     elif worse[metric]["min"] > better[metric]["max"]:
         word = "**reversed**: every seed below every seed of the other"
@@ -145,7 +148,7 @@ def write(out: str, tasks: list, results_path: str, plots_dir: str) -> None:
         start = json.load(open(start_path, encoding="utf-8")) if os.path.isfile(start_path) else {}
         lines += task_section(task, runs, start, plots_rel)
         total += sum(s["report"].get("wall_seconds", 0.0) for seeds in runs.values() for s in seeds)
-        plot_curves(task, runs, os.path.join(plots_dir, f"curves_{task.name}.png"))
+        plot_curves(task, runs, os.path.join(plots_dir, f"curves_{task.name}.png"), start)
     if all_runs:
         plot_schedules(all_runs, os.path.join(plots_dir, "schedules.png"))
         plot_batch_sizes(tasks, all_runs, os.path.join(plots_dir, "batch_size.png"))
@@ -198,7 +201,7 @@ def _smooth(y: np.ndarray, width: int) -> np.ndarray:
     return np.stack([np.convolve(row, kernel, mode="valid") for row in np.atleast_2d(y)])
 
 
-def plot_curves(task, runs: dict, path: str) -> None:
+def plot_curves(task, runs: dict, path: str, start: dict | None = None) -> None:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = [n for n in LABELS if n in runs] + sorted(n for n in runs if n not in LABELS)
@@ -215,8 +218,10 @@ def plot_curves(task, runs: dict, path: str) -> None:
             right.plot(x, y.mean(0), marker="o", label=label)
             if y.shape[0] > 1:
                 right.fill_between(x, y.min(0), y.max(0), alpha=0.2)
-    left.set(title=f"{task.name}: training loss (unweighted, mean of seeds, smoothed)", xlabel="training queries seen",
-             ylabel="loss")
+    if start and "validation/ndcg@10" in start:
+        right.axhline(start["validation/ndcg@10"], color="grey", linestyle="--", label="starting model")
+    left.set(title=f"{task.name}: training loss as optimised (mean of seeds, smoothed)", xlabel="training queries seen",
+             ylabel="loss (beta-weighted negatives, no query weights)")
     right.set(title=f"{task.name}: validation nDCG@10 (mean, min-max band)", xlabel="training queries seen",
               ylabel="nDCG@10")
     right.legend(fontsize=7)
@@ -233,12 +238,12 @@ def plot_schedules(all_runs: dict, path: str) -> None:
             if name not in runs or not runs[name][0]["log"]:
                 continue
             log = [r for r in runs[name][0]["log"] if "beta" in r]
-            steps = [r["step"] for r in log]
+            steps = [r["step"] / log[-1]["step"] for r in log]  # fraction of the run: tasks differ in length
             axes[0].plot(steps, [r["beta"] for r in log], label=f"{task_name} {name}")
             if name == "peg":
                 axes[1].plot(steps, [r["gamma"] for r in log], label=f"{task_name} {name}")
-    axes[0].set(title="beta (negative re-weighting), as logged", xlabel="step", ylabel="beta")
-    axes[1].set(title="gamma (outlier query down-weighting), as logged", xlabel="step", ylabel="gamma")
+    axes[0].set(title="beta (negative re-weighting), as logged", xlabel="fraction of the run", ylabel="beta")
+    axes[1].set(title="gamma (outlier query down-weighting), as logged", xlabel="fraction of the run", ylabel="gamma")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -263,6 +268,7 @@ def plot_batch_sizes(tasks: list, all_runs: dict, path: str) -> None:
             ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] for p in points],
                         marker="o", capsize=4)
             ax.set_xscale("log", base=2)
+            ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
         ax.set(title=f"{task.name}: PEG at {task.queries_seen} training queries", xlabel="global batch (queries)",
                ylabel=f"{task.report_split} nDCG@10 (mean ± std)")
     fig.tight_layout()
