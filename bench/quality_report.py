@@ -84,6 +84,8 @@ def _cell(stats: dict, metric: str) -> str:
     if metric not in stats:
         return "-"
     s = stats[metric]
+    if len(s["values"]) < 2:
+        return f"{s['mean']:.4f}"  # one seed: no spread to show
     return f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 
@@ -121,7 +123,7 @@ def task_section(task, runs: dict, start: dict, plots_rel: str) -> list[str]:
         steps = max(task.queries_seen // batch, 1)
         lines.append(f"| {label} | {batch} | {steps} | {_cell(s, 'ndcg@10')} | {_cell(s, 'recall@100')} | {_cell(s, 'mrr@10')} "
                      f"| {_cell(s, 'validation/ndcg@10')} | {s['seeds']} | {s['train_seconds']:.0f} |")
-    lines += ["", "Mean ± sample standard deviation over seeds. s / run: wall time of the training loop, its "
+    lines += ["", "Mean ± sample standard deviation over seeds (a bare figure: one seed). s / run: wall time of the training loop, its "
               "validation evaluations included, the final evaluation not.", "",
               "Claims (difference of mean nDCG@10 on the reported split):", ""]
     lines.append(f"- hard negatives help (2 vs 1): {verdict(stats.get('hardneg', {}), stats.get('inbatch', {}))}")
