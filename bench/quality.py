@@ -102,12 +102,12 @@ def _load_recipe():
 
 
 def _read_qrels(path):
+    """{query id: [(doc id, score), ...]} of a BEIR qrels file (checked line by line)."""
+    from pegjax.data.retrieval import read_qrels_tsv
+
     rows = {}
-    with open(path, encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            query_id, doc_id, score = line.rstrip("\n").split("\t")
-            rows.setdefault(query_id, []).append((doc_id, score))
+    for query_id, doc_id, score in read_qrels_tsv(str(path)):
+        rows.setdefault(query_id, []).append((doc_id, score))
     return rows
 
 
@@ -151,7 +151,6 @@ def prepare(task: Task, data_root: str) -> dict:
         _write_qrels(os.path.join(folder, "qrels", "heldout.tsv"), train, sorted(heldout))
         paths["validation"] = f"{folder}:validation"
         paths["report"] = f"{folder}:heldout"
-    paths["fit_queries"] = len(fit)
     if not os.path.isfile(paths["train"]):
         _mine(task, folder, paths["train"])
     return paths
@@ -164,13 +163,12 @@ def _sampled_corpus_folder(folder, source, qrels, query_ids, others):
     _write_qrels(os.path.join(target, "qrels", "validation.tsv"), qrels, query_ids)
     keep = {doc_id for q in query_ids for doc_id, _ in qrels[q]}
     with open(source / "corpus.jsonl", encoding="utf-8") as f:
-        rows = [line for line in f if line.strip()]
-    rest = [i for i, line in enumerate(rows) if json.loads(line)["_id"] not in keep]
+        rows = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+    kept = [json.loads(line)["_id"] in keep for line in rows]
+    rest = [i for i, is_kept in enumerate(kept) if not is_kept]
     chosen = set(np.random.default_rng(SEED_OF_SPLIT).choice(rest, others, replace=False).tolist())
     with open(os.path.join(target, "corpus.jsonl"), "w", encoding="utf-8") as f:
-        for i, line in enumerate(rows):
-            if i in chosen or json.loads(line)["_id"] in keep:
-                f.write(line if line.endswith("\n") else line + "\n")
+        f.writelines(line for i, line in enumerate(rows) if kept[i] or i in chosen)
     return f"{target}:validation"
 
 
@@ -299,8 +297,11 @@ def execute(run: Run, paths: dict, out: str) -> dict:
 def starting_point(task: Task, paths: dict, out: str) -> dict:
     """Validation and report metrics of the starting model (pretrained tasks only; shared by all runs)."""
     path = os.path.join(out, "runs", task.name, "start.json")
-    if os.path.isfile(path) or not task.overrides["model.path"]:
-        return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    if not task.overrides["model.path"]:
+        return {}  # a random init: nothing to compare against
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
     from pegjax import evaluate
     from pegjax.encode import Encoder
 

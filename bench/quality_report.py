@@ -58,7 +58,6 @@ def summary(seeds: list[dict], split: str) -> dict:
             out[metric] = dict(mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                                min=float(values.min()), max=float(values.max()), values=values.tolist())
     out["train_seconds"] = float(np.mean([s["report"].get("train_seconds", np.nan) for s in seeds]))
-    out["wall_seconds"] = float(np.sum([s["report"].get("wall_seconds", 0.0) for s in seeds]))
     return out
 
 
@@ -147,7 +146,10 @@ def write(out: str, tasks: list, results_path: str, plots_dir: str) -> None:
             continue
         all_runs[task.name] = runs
         start_path = os.path.join(out, "runs", task.name, "start.json")
-        start = json.load(open(start_path, encoding="utf-8")) if os.path.isfile(start_path) else {}
+        start = {}
+        if os.path.isfile(start_path):
+            with open(start_path, encoding="utf-8") as f:
+                start = json.load(f)
         lines += task_section(task, runs, start, plots_rel)
         total += sum(s["report"].get("wall_seconds", 0.0) for seeds in runs.values() for s in seeds)
         plot_curves(task, runs, os.path.join(plots_dir, f"curves_{task.name}.png"), start)

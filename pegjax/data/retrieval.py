@@ -45,7 +45,7 @@ def _read_jsonl(path: str, id_keys: tuple[str, ...], with_title: bool):
     return ids, texts
 
 
-def _read_qrels_tsv(path: str) -> list[tuple[str, str, int]]:
+def read_qrels_tsv(path: str) -> list[tuple[str, str, int]]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -126,7 +126,7 @@ def load_beir(folder: str, split: str) -> RetrievalData:
             raise DataError(f"{path}: missing; a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
     corpus_ids, corpus_texts = _read_jsonl(os.path.join(folder, "corpus.jsonl"), ("_id", "id"), with_title=True)
     query_ids, query_texts = _read_jsonl(os.path.join(folder, "queries.jsonl"), ("_id", "id"), with_title=False)
-    return _assemble(corpus_ids, corpus_texts, query_ids, query_texts, _read_qrels_tsv(qrels_path), folder)
+    return _assemble(corpus_ids, corpus_texts, query_ids, query_texts, read_qrels_tsv(qrels_path), folder)
 
 
 def load_cmteb(folder: str, split: str) -> RetrievalData:
