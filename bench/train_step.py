@@ -1,25 +1,36 @@
-"""Training throughput: pegjax's global step vs sentence-transformers' CachedMultipleNegativesRankingLoss.
+"""Training throughput on real data: pegjax's global step vs sentence-transformers' CachedMNRL.
 
-    python -m bench.train_step [--queries 32] [--mini-batch 32] [--steps 2]
+    python -m bench.train_step [--queries 64] [--mini-batch 32] [--steps 2] [--data scifact,medical_zh]
 
-Same all-MiniLM-L6-v2 weights, same real SciFact data (claim -> cited abstract, plus 5 other
-abstracts as negatives), same global batch (Q queries x 6 passages), same max lengths (query 32,
-passage 128), same mini-batch (GradCache chunk) size, AdamW, plain InfoNCE with scale 1/tau = 20 on
-both sides; pegjax on this CPU's single device. Both timed warm, best of ``--steps``; prints
-training pairs/s (queries/s) and the ratio.
+Both sides train the same all-MiniLM-L6-v2 weights on the same real global batch: Q queries, each
+with its positive and 5 other passages (SciFact: claim -> cited abstract, other abstracts;
+medical_zh: patient question -> doctor's answer, other answers), so 6Q passages. Same max lengths
+(the paper recipe's 64 / 256 tokens), same mini-batch (sentence-transformers' ``mini_batch_size``
+texts; pegjax's ``encode_chunk`` rows of packed texts), dropout 0.1 on both, AdamW, plain InfoNCE
+with scale 1/tau = 20 and every passage of the batch a candidate.
+
+sentence-transformers pads each column of the batch to its longest text, as its data collator
+does; pegjax packs texts into fixed rows (`pegjax.data.packing`, rows chosen from a sample of the
+data as a training run chooses them) and uses one CPU device per core, as ``pegjax.main`` does.
+Both are timed warm (compilation / first call not counted), best of ``--steps``. Prints the CPU
+model, queries/s of each and the ratio.
 """
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
 
-from bench.common import SHARED_DATA, minilm_path
+from bench.common import SHARED_DATA, cpu_model, minilm_path
+from pegjax.distributed import use_cpu_cores
+
+HARD_NEGATIVES = 5
 
 
-def scifact_training_batch(queries: int, hard: int):
-    """Real (claim, cited abstract, 5 other abstracts) groups from SciFact train."""
+def scifact_groups(queries: int, seed: int = 0):
+    """Real (claim, [cited abstract, 5 other abstracts]) groups from SciFact train."""
     corpus = {}
     with open(SHARED_DATA / "scifact" / "corpus.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -30,23 +41,39 @@ def scifact_training_batch(queries: int, hard: int):
         for line in f:
             row = json.loads(line)
             claims[row["_id"]] = row["text"]
-    pairs = []
+    pairs, seen = [], set()
     with open(SHARED_DATA / "scifact" / "qrels" / "train.tsv", encoding="utf-8") as f:
         next(f)
         for line in f:
             query_id, doc_id, _ = line.rstrip("\n").split("\t")
-            if query_id in claims and doc_id in corpus and all(q != query_id for q, _ in pairs):
-                pairs.append((query_id, doc_id))
-            if len(pairs) == queries:
-                break
-    rng = np.random.default_rng(0)
-    doc_ids = sorted(corpus)
-    texts_q, groups = [], []
-    for query_id, doc_id in pairs:
-        negatives = [d for d in rng.choice(doc_ids, size=hard + 3, replace=False) if d != doc_id][:hard]
-        texts_q.append(claims[query_id])
-        groups.append([corpus[doc_id]] + [corpus[d] for d in negatives])
-    return texts_q, groups
+            if query_id in claims and doc_id in corpus and query_id not in seen:
+                seen.add(query_id)
+                pairs.append((claims[query_id], corpus[doc_id]))
+    return _with_negatives(pairs, sorted(corpus.values()), queries, seed)
+
+
+def medical_zh_groups(queries: int, seed: int = 0):
+    """Real (question, [answer, 5 other answers]) groups from medical_zh train pairs."""
+    pairs = []
+    with open(SHARED_DATA / "medical_zh" / "train_pairs.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            pairs.append((row["query"], row["pos"][0]))
+    return _with_negatives(pairs, sorted({p for _, p in pairs}), queries, seed)
+
+
+def _with_negatives(pairs, passages, queries, seed):
+    rng = np.random.default_rng(seed)
+    chosen = [pairs[i] for i in rng.choice(len(pairs), queries, replace=False)]
+    groups = []
+    for _, positive in chosen:
+        others = [passages[i] for i in rng.choice(len(passages), HARD_NEGATIVES + 2, replace=False)]
+        groups.append([positive] + [p for p in others if p != positive][:HARD_NEGATIVES])
+    sample = [p for _, p in pairs[:2048]], [q for q, _ in pairs[:2048]]
+    return [q for q, _ in chosen], groups, sample
+
+
+DATA = {"scifact": scifact_groups, "medical_zh": medical_zh_groups}
 
 
 def time_steps(step, steps):
@@ -59,34 +86,41 @@ def time_steps(step, steps):
     return best
 
 
-def pegjax_step(queries, groups, args):
+def pegjax_step(queries, groups, sample, args):
     import jax
     import optax
 
     from pegjax import sharding
+    from pegjax.data import packing
     from pegjax.data.tokenizer import load_tokenizer, pad_batch, tokenize
     from pegjax.loss import LossConfig
     from pegjax.models import hf
     from pegjax.models.bert import EmbeddingModel
-    from pegjax.step import StepConfig, create_state, jit_train_step, make_optimizer
+    from pegjax.step import StepConfig, batch_shardings, create_state, jit_train_step, make_optimizer
 
     path = minilm_path()
     config, params = hf.load(path)
     model = EmbeddingModel(config, pooling="mean", normalize=True)
     tokenizer = load_tokenizer(path)
-    group = len(groups[0])
-    passages = [p for g in groups for p in g]
-    query_ids, query_mask = pad_batch(tokenize(tokenizer, queries, args.query_length), args.query_length, len(queries))
-    passage_ids, passage_mask = pad_batch(tokenize(tokenizer, passages, args.passage_length), args.passage_length, len(passages))
-    batch = {
-        "query_ids": query_ids, "query_mask": query_mask, "passage_ids": passage_ids, "passage_mask": passage_mask,
-        "passage_hashes": np.zeros(len(passages), np.int32), "positive_hashes": np.zeros((len(queries), 1), np.int32),
-    }
     mesh = sharding.make_mesh({"data": -1})
+    shards = sharding.batch_shards(mesh)
+    passages = [p for g in groups for p in g]
+    texts = {"passage_hashes": np.zeros(len(passages), np.int32), "positive_hashes": np.zeros((len(queries), 1), np.int32)}
+    geometries = {}
+    sample_passages, sample_queries = sample
+    for kind, items, length, sampled in (("query", queries, args.query_length, sample_queries),
+                                         ("passage", passages, args.passage_length, sample_passages)):
+        texts[f"{kind}_ids"], texts[f"{kind}_mask"] = pad_batch(tokenize(tokenizer, items, length), length, len(items))
+        lengths = [len(ids) for ids in tokenize(tokenizer, sampled, length)]
+        # The mini-batch is per device here: the devices together encode args.mini_batch rows.
+        geometries[kind] = packing.estimate_geometry(lengths, len(items) // shards, length, args.mini_batch // shards)
+    batch = packing.step_batch(texts, shards, geometries["query"], geometries["passage"])
+    batch = {k: jax.device_put(batch[k], s) for k, s in batch_shardings(mesh).items()}
     tx = make_optimizer(optax.constant_schedule(2e-5), clip_norm=None)
     state, state_sharding = create_state(model, tx, mesh, seed=0, params=params)
-    step_config = StepConfig(model=model, loss=LossConfig(group_size=group, temperature=0.05, query_block=len(queries)),
-                             encode_chunk=args.mini_batch, dropout=True)
+    step_config = StepConfig(model=model, loss=LossConfig(group_size=len(groups[0]), temperature=0.05, query_block=len(queries) // shards),
+                             encode_chunk=args.mini_batch // shards, dropout=True,
+                             query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots)
     zero = optax.constant_schedule(0.0)
     step = jit_train_step(step_config, tx, {"beta": zero, "gamma": zero, "learning_rate": optax.constant_schedule(2e-5)},
                           mesh, state_sharding)
@@ -94,8 +128,11 @@ def pegjax_step(queries, groups, args):
 
     def run():
         holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready(metrics)
+        holder["metrics"] = jax.device_get(metrics)
 
+    run.geometries = geometries
+    run.holder = holder
+    run.shards = shards
     return run
 
 
@@ -109,12 +146,13 @@ def reference_step(queries, groups, args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
     group = len(groups[0])
 
-    def features(texts, length):
+    def features(texts, length):  # as the data collator does: each column padded to its longest text
         model.max_seq_length = length
         return model.tokenize(texts)
 
     columns = [features(queries, args.query_length)]
     columns += [features([g[h] for g in groups], args.passage_length) for h in range(group)]
+    run_tokens = sum(int(c["attention_mask"].numel()) for c in columns)
     model.train()
 
     def run():
@@ -123,27 +161,41 @@ def reference_step(queries, groups, args):
         value.backward()
         optimizer.step()
 
+    run.positions = run_tokens
     return run
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--mini-batch", type=int, default=32)
-    parser.add_argument("--query-length", type=int, default=32)
-    parser.add_argument("--passage-length", type=int, default=128)
+    parser.add_argument("--query-length", type=int, default=64)
+    parser.add_argument("--passage-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--data", default="scifact,medical_zh")
     args = parser.parse_args()
+    use_cpu_cores()
+    import jax
     import torch
 
-    queries, groups = scifact_training_batch(args.queries, hard=5)
-    ours = time_steps(pegjax_step(queries, groups, args), args.steps)
-    theirs = time_steps(reference_step(queries, groups, args), args.steps)
-    print(f"global batch {len(queries)} queries x {len(groups[0])} passages, lengths {args.query_length}/"
-          f"{args.passage_length}, mini-batch {args.mini_batch}, torch threads {torch.get_num_threads()}")
-    print(f"pegjax step                       {ours:7.2f} s  {len(queries) / ours:7.2f} pairs/s")
-    print(f"sentence-transformers CachedMNRL  {theirs:7.2f} s  {len(queries) / theirs:7.2f} pairs/s")
-    print(f"ratio pegjax/st                   {theirs / ours:7.2f}x")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; pegjax on {jax.device_count()} CPU devices, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"global batch {args.queries} queries x {1 + HARD_NEGATIVES} passages, lengths {args.query_length}/"
+          f"{args.passage_length}, mini-batch {args.mini_batch}, dropout 0.1 on both")
+    for name in args.data.split(","):
+        queries, groups, sample = DATA[name](args.queries)
+        ours_run = pegjax_step(queries, groups, sample, args)
+        ours = time_steps(ours_run, args.steps)
+        theirs_run = reference_step(queries, groups, args)
+        theirs = time_steps(theirs_run, args.steps)
+        real = ours_run.holder["metrics"]["real_tokens"]
+        fraction = ours_run.holder["metrics"]["real_token_fraction"]
+        rows = ", ".join(f"{k} {g.rows * ours_run.shards} rows x {g.length} ({g.slots} slots)" for k, g in ours_run.geometries.items())
+        print(f"\n{name}: {real:.0f} real tokens; pegjax packs them into {rows}: {fraction:.0%} real; "
+              f"sentence-transformers pads to {theirs_run.positions} positions: {real / theirs_run.positions:.0%} real")
+        print(f"  pegjax step                       {ours:7.2f} s  {len(queries) / ours:7.2f} queries/s")
+        print(f"  sentence-transformers CachedMNRL  {theirs:7.2f} s  {len(queries) / theirs:7.2f} queries/s")
+        print(f"  ratio pegjax / sentence-transformers  {theirs / ours:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.passage_length = 256
     c.data.query_prefix = ""  # prepended to every query (when a line has no "prompt")
     c.data.workers = 0  # tokenizer worker processes (0: in the training process)
+    c.data.packing = True  # pack several texts into each row (False: one text a row, padded)
 
     c.train = ml_collections.ConfigDict()
     c.train.queries_per_step = 13334

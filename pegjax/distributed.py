@@ -8,11 +8,24 @@ lets CPU processes run collectives over TCP.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
 
+_ROUNDS = itertools.count()
+
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def use_cpu_cores() -> None:
+    """Makes each CPU core a JAX CPU device (before jax is imported), unless XLA_FLAGS already sets
+    a count: XLA:CPU keeps more of the cores busy running a data-parallel step on one device per
+    core than one step on one device. Accelerators are unaffected."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cores}".strip()
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -67,3 +80,26 @@ def process_share(total: int) -> slice:
     per = -(-total // jax.process_count())
     start = min(jax.process_index() * per, total)
     return slice(start, min(start + per, total))
+
+
+def any_process(flags: dict[str, bool], timeout_s: int = 3600) -> dict[str, bool]:
+    """{name: flag} -> {name: the flag of any process}, exchanged through the distributed runtime's
+    key-value store (host to coordinator, no device work). Every process calls it the same number
+    of times; a single process gets its own flags back."""
+    import jax
+
+    if jax.process_count() == 1:
+        return dict(flags)
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    round_, me = next(_ROUNDS), jax.process_index()
+    names = sorted(flags)
+    client.key_value_set(f"pegjax/any/{round_}/{me}", "".join("1" if flags[n] else "0" for n in names))
+    merged = dict(flags)
+    for process in range(jax.process_count()):
+        theirs = client.blocking_key_value_get(f"pegjax/any/{round_}/{process}", timeout_s * 1000)
+        merged.update({n: merged[n] or bit == "1" for n, bit in zip(names, theirs)})
+    if round_ >= 2:  # every process has read round - 2 before writing round - 1
+        client.key_value_delete(f"pegjax/any/{round_ - 2}/{me}")
+    return merged

@@ -34,9 +34,14 @@ class Encoder:
     """An embedding model ready to encode: architecture + pooling, params, tokenizer."""
 
     def __init__(self, model: EmbeddingModel, params, tokenizer, max_length: int):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
         self.model = model
-        # Process-local: each process encodes its own texts, also in a multi-process run.
-        self.params = jax.device_put(params, jax.local_devices()[0])
+        # Process-local: each process encodes its own texts on its own devices, also in a
+        # multi-process run; every batch is split over them.
+        mesh = Mesh(np.array(jax.local_devices()), ("rows",))
+        self._rows = NamedSharding(mesh, PartitionSpec("rows"))
+        self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.tokenizer = tokenizer
         self.max_length = min(max_length, model.config.max_position_embeddings)
         # Pooled without normalisation: one compiled function serves both settings.
@@ -103,6 +108,8 @@ class Encoder:
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if not texts:
             return out
+        devices = self._rows.mesh.devices.size
+        batch_size = -(-batch_size // devices) * devices  # every device gets the same number of rows
         sequences = tokenize(self.tokenizer, texts, max_length)
         order = np.argsort([-len(s) for s in sequences], kind="stable")
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -116,6 +123,7 @@ class Encoder:
         for rows in batches:
             length = bucket_length(len(sequences[rows[0]]), max_length)
             ids, mask = pad_batch([sequences[r] for r in rows], length, batch_size, self.tokenizer.pad_token_id or 0)
+            ids, mask = jax.device_put((ids, mask), self._rows)
             pending.append((rows, self._embed(self.params, ids, mask)))  # dispatch is async
             if len(pending) > 2:
                 self._collect(pending.pop(0), out)

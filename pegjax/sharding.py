@@ -30,6 +30,7 @@ LOGICAL_AXIS_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("kv", None),
+    ("layers", None),
     ("positions", None),
     ("token_types", None),
 )

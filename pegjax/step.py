@@ -2,20 +2,25 @@
 
 Batch (a dict of arrays, every leading dimension split over the mesh's data x fsdp axes)::
 
-    query_ids, query_mask          [Q, Lq] int32
-    passage_ids, passage_mask      [P, Lp] int32    P = Q * G, G = 1 + hard negatives;
-                                                    rows i*G .. i*G+G-1 belong to query i,
-                                                    its positive first (the loss's labels)
-    passage_hashes                 [P] int32        text hash of each passage (0 = unknown)
-    positive_hashes                [Q, M] int32     hashes of other known positives (0 = none)
+    query_tokens, query_segments      [S*Rq, Lq] int32  queries packed into Rq rows per shard,
+                                                        segment ids 0 = padding, k = k-th text
+    query_slots                       [Q] int32         where each query's vector is in its shard's
+                                                        [Rq * query_slots] pooled rows
+    passage_tokens, passage_segments  [S*Rp, Lp] int32  the same for the P = Q * G passages
+    passage_slots                     [P] int32         G = 1 + hard negatives; passages
+                                                        i*G .. i*G+G-1 belong to query i, its
+                                                        positive first (the loss's labels)
+    passage_hashes                    [P] int32         text hash of each passage (0 = unknown)
+    positive_hashes                   [Q, M] int32      hashes of other known positives (0 = none)
 
-Because query i's G passages are contiguous, splitting Q and P into the same number of shards keeps
-every query with its own passages. Texts are encoded ``encode_chunk`` rows per shard at a time with
-``lax.scan`` over a ``jax.checkpoint``-ed encoder that saves nothing: the forward pass keeps only
-the embeddings, the backward pass recomputes each chunk (GradCache, by remat). Each chunk takes its
-rows from every shard, so no token ids move between devices. Only embeddings cross devices: the
-passage embeddings are gathered (replicated) before scoring, and their gradient is reduce-scattered
-back.
+(`pegjax.data.packing` builds the rows; one text a row is the case of one slot.) Because query
+i's G passages are contiguous, splitting Q and P into the same number of shards keeps every query
+with its own passages, and each shard's texts are packed into that shard's rows. Rows are encoded
+``chunk`` rows per shard at a time with ``lax.scan`` over a ``jax.checkpoint``-ed encoder that
+saves nothing: the forward pass keeps only the embeddings, the backward pass recomputes each chunk
+(GradCache, by remat). Each chunk takes its rows from every shard, so no token ids move between
+devices. Only embeddings cross devices: the passage embeddings are gathered (replicated) before
+scoring, and their gradient is reduce-scattered back.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from flax import linen as nn
 from jax import lax
 
 from pegjax import sharding
+from pegjax.data.packing import RowGeometry, chunked_rows
 from pegjax.loss import LossConfig, contrastive_loss
 from pegjax.models.bert import EmbeddingModel
 
-BATCH_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask", "passage_hashes", "positive_hashes")
+BATCH_KEYS = ("query_tokens", "query_segments", "query_slots", "passage_tokens", "passage_segments", "passage_slots",
+              "passage_hashes", "positive_hashes")
 
 
 @flax.struct.dataclass
@@ -51,6 +58,8 @@ class StepConfig:
     loss: LossConfig
     encode_chunk: int = 32  # at most this many rows per batch shard encoded at once (activation memory)
     dropout: bool = True
+    query_slots: int = 1  # at most this many texts in a packed row (1: one text a row)
+    passage_slots: int = 1
 
 
 def make_optimizer(learning_rate: Callable, weight_decay: float = 0.01, clip_norm: float | None = 1.0):
@@ -67,44 +76,55 @@ def make_optimizer(learning_rate: Callable, weight_decay: float = 0.01, clip_nor
     return optax.chain(*parts)
 
 
-def encode_in_chunks(model: EmbeddingModel, params, ids, mask, chunk: int, mesh=None, rng=None):
-    """Embeds [N, L] int32 token ids in chunks of ``chunk`` rows per batch shard -> [N, D] float32.
+def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots, slots: int, max_chunk: int,
+                     mesh=None, rng=None):
+    """Embeds the texts packed in [S*R, L] int32 rows -> [N, D] float32, one row per text slot.
 
-    Each chunk's forward pass is recomputed in the backward pass (nothing but the embeddings is
-    kept), so activation memory is one chunk's whatever N is. ``rng`` (optional) drives dropout;
-    chunk c uses fold_in(rng, c) in both passes. On a mesh, each chunk's rows stay split over the
-    batch axes and FSDP-sharded weights are all-gathered for the call (never the activations).
+    ``text_slots`` [N] int32 says where each text is in its shard's R * ``slots`` pooled rows. Rows
+    are encoded ``chunk`` rows per batch shard at a time (R = chunks * chunk, chunk <= max_chunk,
+    `pegjax.data.packing.chunked_rows`); each chunk's forward pass is recomputed in the backward
+    pass (nothing but the embeddings is kept), so activation memory is one chunk's whatever N is.
+    ``rng`` (optional) drives dropout; chunk c uses a seed drawn from fold_in(rng, c) in both
+    passes. On a mesh, each chunk's rows stay split over the batch axes and FSDP-sharded weights are
+    all-gathered for the call (never the activations).
     """
     shards = 1 if mesh is None else sharding.batch_shards(mesh)
-    count, length = ids.shape
-    rows = count // shards
-    if count % shards:
-        raise ValueError(f"{count} rows do not split over {shards} batch shards; make config.train.queries_per_step a multiple")
-    # The largest chunk <= config.train.encode_chunk that divides the rows (queries and passages
-    # per shard differ by the group size, so one setting serves both).
-    chunk = max(c for c in range(1, min(chunk, rows) + 1) if rows % c == 0)
+    total, length = tokens.shape
+    rows = total // shards
+    count = text_slots.shape[0]
+    if total % shards or count % shards:
+        raise ValueError(f"{total} rows / {count} texts do not split over {shards} batch shards")
+    rows_again, chunk = chunked_rows(rows, max_chunk)
+    if rows_again != rows:
+        raise ValueError(f"{rows} rows per shard do not split into equal chunks of at most {max_chunk}; "
+                         "build them with pegjax.data.packing.chunked_rows")
     chunks = rows // chunk
 
-    def to_chunks(x):  # [N, L] -> [chunks, shards * chunk, L], rows of every shard in each chunk
+    def to_chunks(x):  # [S*R, L] -> [chunks, shards * chunk, L], rows of every shard in each chunk
         return jnp.swapaxes(x.reshape(shards, chunks, chunk, length), 0, 1).reshape(chunks, shards * chunk, length)
 
-    def embed_chunk(params, ids_c, mask_c, index):
-        key = None if rng is None else jax.random.fold_in(rng, index)
+    def embed_chunk(params, tokens_c, segments_c, index):
+        seed = None if rng is None else jax.random.bits(jax.random.fold_in(rng, index), dtype=jnp.uint32)
         if mesh is not None:
             params = lax.with_sharding_constraint(
                 params, sharding.gathered_param_shardings(abstract_params(model), mesh)
             )
-            ids_c, mask_c = (lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, 2)) for x in (ids_c, mask_c))
-        return model.embed(params, ids_c, mask_c, dropout_rng=key)
+            tokens_c, segments_c = (lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, 2))
+                                    for x in (tokens_c, segments_c))
+        if slots == 1:
+            return model.embed(params, tokens_c, segments_c, dropout_seed=seed)[:, None]
+        return model.embed_packed(params, tokens_c, segments_c, slots, dropout_seed=seed)
 
     embed_chunk = jax.checkpoint(embed_chunk, policy=jax.checkpoint_policies.nothing_saveable)
 
     def body(carry, inputs):
         return carry, embed_chunk(params, *inputs)
 
-    _, embeddings = lax.scan(body, None, (to_chunks(ids), to_chunks(mask), jnp.arange(chunks)))
-    dim = embeddings.shape[-1]
-    return jnp.swapaxes(embeddings.reshape(chunks, shards, chunk, dim), 0, 1).reshape(count, dim)
+    _, pooled = lax.scan(body, None, (to_chunks(tokens), to_chunks(segments), jnp.arange(chunks)))
+    dim = pooled.shape[-1]  # pooled [chunks, S*chunk, slots, D] -> [S, R*slots, D], then each text's row
+    pooled = jnp.swapaxes(pooled.reshape(chunks, shards, chunk, slots, dim), 0, 1).reshape(shards, rows * slots, dim)
+    local = text_slots.reshape(shards, count // shards, 1)
+    return jnp.take_along_axis(pooled, local, axis=1).reshape(count, dim)
 
 
 def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=None):
@@ -114,16 +134,18 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
     if rng is not None:
         query_rng, passage_rng = jax.random.split(rng)
     queries = encode_in_chunks(
-        config.model, params, batch["query_ids"], batch["query_mask"], config.encode_chunk, mesh, query_rng
+        config.model, params, batch["query_tokens"], batch["query_segments"], batch["query_slots"],
+        config.query_slots, config.encode_chunk, mesh, query_rng,
     )
     passages = encode_in_chunks(
-        config.model, params, batch["passage_ids"], batch["passage_mask"], config.encode_chunk, mesh, passage_rng
+        config.model, params, batch["passage_tokens"], batch["passage_segments"], batch["passage_slots"],
+        config.passage_slots, config.encode_chunk, mesh, passage_rng,
     )
     gather = None
     if mesh is not None:
         # Every query meets every passage: gather the embeddings (never activations) once.
         gather = lambda x: lax.with_sharding_constraint(x, sharding.replicated(mesh))  # noqa: E731
-    return contrastive_loss(
+    loss, metrics = contrastive_loss(
         queries,
         passages,
         batch["passage_hashes"],
@@ -134,6 +156,10 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
         shards=shards,
         gather=gather,
     )
+    real = sum((batch[k] > 0).sum() for k in ("query_segments", "passage_segments"))
+    positions = batch["query_segments"].size + batch["passage_segments"].size
+    metrics.update(real_tokens=real.astype(jnp.float32), real_token_fraction=real / positions)
+    return loss, metrics
 
 
 def train_step(state: TrainState, batch, *, config: StepConfig, tx, beta_schedule, gamma_schedule, learning_rate, mesh=None):
@@ -209,7 +235,8 @@ def create_state(model: EmbeddingModel, tx, mesh, seed: int, params=None):
 
 
 def batch_shardings(mesh) -> dict:
-    return {key: sharding.batch_sharding(mesh, 1 if key == "passage_hashes" else 2) for key in BATCH_KEYS}
+    return {key: sharding.batch_sharding(mesh, 2 if key.endswith(("tokens", "segments")) or key == "positive_hashes" else 1)
+            for key in BATCH_KEYS}
 
 
 def jit_train_step(config: StepConfig, tx, schedules: dict, mesh, state_sharding):
@@ -235,15 +262,21 @@ def jit_train_step(config: StepConfig, tx, schedules: dict, mesh, state_sharding
     )
 
 
-def abstract_batch(mesh, queries: int, group: int, query_length: int, passage_length: int, extra_positives: int = 1):
-    """ShapeDtypeStructs of a global batch (see the module doc), with their shardings."""
+def abstract_batch(mesh, queries: RowGeometry, passages: RowGeometry, group: int, extra_positives: int = 1):
+    """ShapeDtypeStructs of a global batch (see the module doc) laid out by the row geometries (per
+    batch shard), with their shardings."""
+    shards = sharding.batch_shards(mesh)
     shapes = {
-        "query_ids": (queries, query_length),
-        "query_mask": (queries, query_length),
-        "passage_ids": (queries * group, passage_length),
-        "passage_mask": (queries * group, passage_length),
-        "passage_hashes": (queries * group,),
-        "positive_hashes": (queries, extra_positives),
+        "query_tokens": (shards * queries.rows, queries.length),
+        "query_segments": (shards * queries.rows, queries.length),
+        "query_slots": (shards * queries.texts,),
+        "passage_tokens": (shards * passages.rows, passages.length),
+        "passage_segments": (shards * passages.rows, passages.length),
+        "passage_slots": (shards * passages.texts,),
+        "passage_hashes": (shards * passages.texts,),
+        "positive_hashes": (shards * queries.texts, extra_positives),
     }
+    if passages.texts != queries.texts * group:
+        raise ValueError(f"{passages.texts} passages per shard for {queries.texts} queries x group {group}")
     shardings = batch_shardings(mesh)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shardings[k]) for k, shape in shapes.items()}

@@ -169,7 +169,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         query_block=config.loss.query_block, query_negatives=config.loss.query_negatives,
         margin=config.loss.margin if config.loss.margin >= 0 else None, query_weight=config.progressive.query_weight,
     )
-    step_config = StepConfig(model, loss_config, encode_chunk=config.train.encode_chunk, dropout=config.model.dropout)
+    shards = sharding.batch_shards(mesh)
+    geometries = training.row_geometries(record_path, tokenizer, config, shards)
+    for kind, geometry in geometries.items():
+        logging.info("%s rows per batch shard: %s", kind, geometry)
+    step_config = StepConfig(model, loss_config, encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,
+                             query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots)
     step_fn = jit_train_step(step_config, tx, knobs, mesh, state_sharding)
     shardings = batch_shardings(mesh)
     log = MetricLog(workdir, enabled=lead)
@@ -178,7 +183,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     evals = {name: dict(spec) for name, spec in config.evals.items()}
 
     def run_evals(at_step, final=False):
-        if not evals:
+        # Parameters leave the devices only when an eval is due at this step.
+        if not evaluate.due(evals, at_step, final):
             return {}
         results = evaluate.run_evals(encoder_of(distributed.to_host(state.params)), evals, at_step, final=final,
                                      data_dir=config.eval_data_dir or None, corpus_cache_dir=corpus_cache)
@@ -197,37 +203,57 @@ def train_and_evaluate(config, workdir: str) -> dict:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=steps, initial=start, desc="train", unit="step")
-    pending, filled, t_log, begin = [], 0, time.perf_counter(), time.perf_counter()
-    tokens_per_step = config.train.queries_per_step * (config.data.query_length + (1 + config.data.hard_negatives) * config.data.passage_length)
+    window = _MetricWindow(config.train.queries_per_step, config.train.on_nonfinite)
+    local_shards = shards // jax.process_count()
+    pad_id = tokenizer.pad_token_id or 0
+    spills = {kind: 0 for kind in geometries}
+    owed = None  # a log line is owed for the window that ended at this step
+    begin = time.perf_counter()
+
+    def write_log(upto):
+        values = window.close(upto)
+        log.write(upto, values)
+        if progress:
+            progress.set_postfix(loss=f"{values['loss']:.4f}", beta=f"{values['beta']:.2f}", gamma=f"{values['gamma']:.2f}")
+
     step = start
     try:
         for step in range(start + 1, steps + 1):
-            local = training.flatten_groups(next(iterator))
-            filled += int(local.pop("filled_negatives").sum())
+            texts = training.flatten_groups(next(iterator))
+            window.filled += int(texts.pop("filled_negatives").sum())
+            local, spilled = training.pack_for_step(texts, local_shards, geometries, pad_id, agree=distributed.any_process)
+            for kind in (k for k, v in spilled.items() if v):
+                spills[kind] += 1
+                logging.warning("step %d: the %s texts did not fit %d packed rows per shard; this step lays them "
+                                "out one a row (%d so far)", step, kind, geometries[kind].rows, spills[kind])
             batch = {k: jax.make_array_from_process_local_data(shardings[k], local[k]) for k in BATCH_KEYS}
             state, metrics = step_fn(state, batch)
-            pending.append((step, metrics))
+            window.add(step, metrics)  # its host copy starts behind the step
+            if owed is not None:
+                # The previous step closed a log window; read it now that this step is queued, so
+                # the device never waits for the host.
+                write_log(owed)
+                owed = None
             if progress:
                 progress.update(1)
-            if step % config.train.log_steps == 0 or step == steps or preemption.requested:
-                values = _flush(pending, config.train.on_nonfinite)
-                pending = []
-                elapsed = time.perf_counter() - t_log
-                count = step - values.pop("_first") + 1
-                t_log = time.perf_counter()
-                values.update(step_time=elapsed / count, pairs_per_second=count * config.train.queries_per_step / elapsed,
-                              tokens_per_second=count * tokens_per_step / elapsed, filled_negatives=filled)
-                log.write(step, values)
-                if progress:
-                    progress.set_postfix(loss=f"{values['loss']:.4f}", beta=f"{values['beta']:.2f}", gamma=f"{values['gamma']:.2f}")
-            eval_metrics = run_evals(step) if step < steps else {}
-            if preemption.requested:
+            if step % config.train.log_steps == 0 or step == steps:
+                owed = step
+            stopping = preemption.requested
+            eval_due = step < steps and evaluate.due(evals, step)
+            checkpoint_due = step % config.train.checkpoint_steps == 0 and step < steps
+            if owed is not None and (stopping or eval_due or step == steps):
+                write_log(owed)
+                owed = None
+            eval_metrics = run_evals(step) if eval_due else {}
+            if stopping:
+                if window.pending:
+                    write_log(step)
                 checkpoints.save(step, state, iterator.get_state(), config_json, eval_metrics or None, force=True)
                 checkpoints.close()
                 logging.warning("stopped at step %d after SIGTERM; the same command resumes", step)
                 report["preempted_at"] = step
                 return report
-            if step % config.train.checkpoint_steps == 0 and step < steps:
+            if checkpoint_due:
                 checkpoints.save(step, state, iterator.get_state(), config_json, eval_metrics or None)
     finally:
         if progress:
@@ -238,7 +264,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         checkpoints.save(steps, state, iterator.get_state(), config_json, final or None, force=True)
     checkpoints.close()
     log.close()
-    report.update(after=final, steps=steps, train_seconds=round(train_seconds, 1), data=stats, filled_negatives=filled)
+    report.update(after=final, steps=steps, train_seconds=round(train_seconds, 1), data=stats,
+                  filled_negatives=window.filled, unpacked_steps=spills)
     final_params = distributed.to_host(state.params) if config.train.export else None  # every process takes part
     if config.train.export and lead:
         export_dir = os.path.join(workdir, "export")
@@ -259,19 +286,45 @@ def _nest(flat: dict) -> dict:
     return nested
 
 
-def _flush(pending, on_nonfinite: str) -> dict:
-    """Fetches the pending steps' metrics; stops at the first non-finite step unless skipping.
-    Returns the last step's metrics (and "_first", the first step of the window)."""
-    fetched = jax.device_get([m for _, m in pending])
-    for (step, _), values in zip(pending, fetched):
-        if values["nonfinite"] and on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {step} (loss={float(values['loss'])}); the update was not "
-                "applied. Lower the learning rate, check the data, or set config.train.on_nonfinite=skip")
-    last = {k: float(v) for k, v in fetched[-1].items()}
-    last["skipped_updates"] = float(sum(v["nonfinite"] for v in fetched))
-    last["_first"] = pending[0][0]
-    return last
+class _MetricWindow:
+    """The steps since the last log line: their metrics are copied to the host behind the step
+    (``copy_to_host_async``) and read only when the window closes."""
+
+    def __init__(self, queries_per_step: int, on_nonfinite: str):
+        self.queries_per_step = queries_per_step
+        self.on_nonfinite = on_nonfinite
+        self.pending: list[tuple[int, dict]] = []
+        self.filled = 0
+        self.opened = time.perf_counter()
+
+    def add(self, step: int, metrics: dict) -> None:
+        for value in metrics.values():
+            value.copy_to_host_async()
+        self.pending.append((step, metrics))
+
+    def close(self, upto: int) -> dict:
+        """Reads the window's steps up to ``upto``; stops at the first non-finite step unless
+        skipping. Returns the last step's metrics with timings and counts."""
+        closing = [(s, m) for s, m in self.pending if s <= upto]
+        self.pending = [(s, m) for s, m in self.pending if s > upto]
+        fetched = jax.device_get([m for _, m in closing])
+        for (step, _), values in zip(closing, fetched):
+            if values["nonfinite"] and self.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {step} (loss={float(values['loss'])}); the update was not "
+                    "applied. Lower the learning rate, check the data, or set config.train.on_nonfinite=skip")
+        now = time.perf_counter()
+        elapsed, self.opened = now - self.opened, now
+        count = len(closing)
+        last = {k: float(v) for k, v in fetched[-1].items()}
+        last.update(
+            skipped_updates=float(sum(v["nonfinite"] for v in fetched)),
+            step_time=elapsed / count,
+            pairs_per_second=count * self.queries_per_step / elapsed,
+            tokens_per_second=sum(v["real_tokens"] for v in fetched) / elapsed,  # real tokens, not padding
+            filled_negatives=self.filled,
+        )
+        return last
 
 
 def _mine_training_data(config, encoder, workdir, cache_dir) -> str:

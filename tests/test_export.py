@@ -14,6 +14,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModel
 
 from pegjax import sharding
+from pegjax.data import packing
 from pegjax.data.tokenizer import pad_batch, tokenize
 from pegjax.encode import Encoder
 from pegjax.loss import LossConfig
@@ -26,15 +27,18 @@ def train_a_few_steps(encoder: Encoder, texts, steps=2):
     queries, passages = texts[:4], texts[4:16]
     q_ids, q_mask = pad_batch(tokenize(encoder.tokenizer, queries, 32), 32, 4)
     p_ids, p_mask = pad_batch(tokenize(encoder.tokenizer, passages, 64), 64, 12)
-    batch = {"query_ids": q_ids, "query_mask": q_mask, "passage_ids": p_ids, "passage_mask": p_mask,
+    texts = {"query_ids": q_ids, "query_mask": q_mask, "passage_ids": p_ids, "passage_mask": p_mask,
              "passage_hashes": np.zeros(12, np.int32), "positive_hashes": np.zeros((4, 1), np.int32)}
+    geometries = [packing.fitted_geometry(texts[f"{kind}_mask"], 1, 4) for kind in ("query", "passage")]
+    batch = packing.step_batch(texts, 1, *geometries)
     mesh = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
     tx = make_optimizer(optax.constant_schedule(1e-3))
     state, shardings = create_state(encoder.model, tx, mesh, seed=0, params=jax.device_get(encoder.params))
     schedules = {"beta": optax.constant_schedule(1.0), "gamma": optax.constant_schedule(0.5),
                  "learning_rate": optax.constant_schedule(1e-3)}
-    step = jit_train_step(StepConfig(encoder.model, LossConfig(group_size=3, query_block=4), encode_chunk=4),
-                          tx, schedules, mesh, shardings)
+    config = StepConfig(encoder.model, LossConfig(group_size=3, query_block=4), encode_chunk=4,
+                        query_slots=geometries[0].slots, passage_slots=geometries[1].slots)
+    step = jit_train_step(config, tx, schedules, mesh, shardings)
     for _ in range(steps):
         state, _ = step(state, batch)
     return Encoder(encoder.model, jax.device_get(state.params), encoder.tokenizer, encoder.max_length)

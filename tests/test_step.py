@@ -8,6 +8,7 @@ import pytest
 from flax import linen as nn
 
 from pegjax import sharding
+from pegjax.data import packing
 from pegjax.loss import LossConfig
 from pegjax.models.bert import BertConfig, EmbeddingModel
 from pegjax.step import StepConfig, batch_shardings, loss_and_metrics
@@ -90,6 +91,15 @@ def make_batch(seed, num_queries=QUERIES, group=GROUP, query_len=8, passage_len=
     }
 
 
+def as_step_batch(texts, shards, packed=True, max_chunk=1):
+    """One text a row -> (the step's batch, StepConfig fields for its slots): packed into the fewest
+    rows that hold it, or one text a row."""
+    queries = packing.fitted_geometry(texts["query_mask"], shards, max_chunk, max_slots=16 if packed else 1)
+    passages = packing.fitted_geometry(texts["passage_mask"], shards, max_chunk, max_slots=16 if packed else 1)
+    batch = packing.step_batch(texts, shards, queries, passages)
+    return batch, dict(encode_chunk=max_chunk, query_slots=queries.slots, passage_slots=passages.slots)
+
+
 @pytest.fixture(scope="module")
 def model_and_params():
     model = EmbeddingModel(TINY, pooling="mean", normalize=True)
@@ -126,16 +136,23 @@ def gradient_error(got, want):
 
 @pytest.mark.parametrize("mesh_sizes", [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}],
                          ids=["data8", "data2_fsdp4", "data2_fsdp2_tensor2"])
-@pytest.mark.parametrize("query_negatives", [False, True], ids=["passages", "plus_queries"])
-def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes, query_negatives):
+@pytest.mark.parametrize("query_negatives, packed", [(False, True), (True, True), (False, False)],
+                         ids=["packed", "packed_plus_queries", "one_per_row"])
+def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes, query_negatives, packed):
+    """Texts packed several to a row (block-diagonal attention, positions and pooling per text) or
+    one to a row, encoded in remat-ed chunks on a mesh: the loss and gradient of one text a row,
+    the whole batch at once."""
     assert len(jax.devices()) == 8
     model, params = model_and_params
-    batch = make_batch(0)
+    texts = make_batch(0)
     loss_config = LossConfig(group_size=GROUP, temperature=0.05, query_block=1, query_negatives=query_negatives)
-    config = StepConfig(model=model, loss=loss_config, encode_chunk=1, dropout=False)
-    want_loss, want_grad = reference_grad(model, params, batch, loss_config)
+    want_loss, want_grad = reference_grad(model, params, texts, loss_config)
 
     mesh = sharding.make_mesh(mesh_sizes)
+    batch, slots = as_step_batch(texts, sharding.batch_shards(mesh), packed, max_chunk=2)
+    if packed:
+        assert batch["query_segments"].max() > 1 and batch["passage_segments"].max() > 1  # rows hold several texts
+    config = StepConfig(model=model, loss=loss_config, dropout=False, **slots)
     param_sharding = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), mesh)
     grad_fn = jax.jit(
         jax.value_and_grad(lambda p, b: loss_and_metrics(p, b, BETA, GAMMA, None, config, mesh), has_aux=True),
@@ -147,12 +164,14 @@ def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes
     assert 0 < float(metrics["masked_fraction"]) < 0.2
     assert gradient_error(grad, want_grad) <= 1e-5
     # Parameters (and so their gradients) really are split: embed over fsdp, mlp over tensor.
-    kernel = grad["layer_0"]["intermediate"]["kernel"]
+    kernel = grad["layers"]["intermediate"]["kernel"]  # [layers, embed, mlp]
     fsdp, tensor = mesh_sizes.get("fsdp", 1), mesh_sizes.get("tensor", 1)
-    assert kernel.sharding.shard_shape(kernel.shape) == (TINY.hidden_size // fsdp, TINY.intermediate_size // tensor)
+    assert kernel.sharding.shard_shape(kernel.shape) == (
+        TINY.num_hidden_layers, TINY.hidden_size // fsdp, TINY.intermediate_size // tensor)
 
 
-def compiled_step(mesh_sizes, batch, loss_config=None, encode_chunk=1):
+def compiled_step(mesh_sizes, texts, loss_config=None, encode_chunk=1):
+    """(jitted step, state, model, the step's packed batch) on a mesh of ``mesh_sizes``."""
     import optax
 
     from pegjax.step import create_state, jit_train_step, make_optimizer
@@ -161,11 +180,11 @@ def compiled_step(mesh_sizes, batch, loss_config=None, encode_chunk=1):
     mesh = sharding.make_mesh(mesh_sizes)
     tx = make_optimizer(optax.constant_schedule(1e-3))
     state, state_sharding = create_state(model, tx, mesh, seed=0)
-    config = StepConfig(model=model, loss=loss_config or LossConfig(group_size=GROUP, query_block=1),
-                        encode_chunk=encode_chunk)
+    batch, slots = as_step_batch(texts, sharding.batch_shards(mesh), max_chunk=encode_chunk)
+    config = StepConfig(model=model, loss=loss_config or LossConfig(group_size=GROUP, query_block=1), **slots)
     schedules = {"beta": optax.constant_schedule(1.0), "gamma": optax.constant_schedule(1.0),
                  "learning_rate": optax.constant_schedule(1e-3)}
-    return jit_train_step(config, tx, schedules, mesh, state_sharding), state, model
+    return jit_train_step(config, tx, schedules, mesh, state_sharding), state, model, batch
 
 
 @pytest.mark.parametrize("mesh_sizes", [{"data": 8}, {"data": 2, "fsdp": 4}], ids=["data8", "data2_fsdp4"])
@@ -175,8 +194,8 @@ def test_only_embeddings_and_weights_cross_devices(mesh_sizes):
     import re
 
     query_len, passage_len = 10, 14  # lengths no other dimension shares
-    batch = make_batch(0, query_len=query_len, passage_len=passage_len)
-    step, state, model = compiled_step(mesh_sizes, batch)
+    texts = make_batch(0, query_len=query_len, passage_len=passage_len)
+    step, state, model, batch = compiled_step(mesh_sizes, texts)
     hlo = step.lower(state, batch).compile().as_text()
     param_dims = {tuple(sorted(d for d in leaf.shape if d != 1))
                   for leaf in jax.tree.leaves(nn.unbox(jax.eval_shape(model.init, jax.random.key(0))))}
@@ -201,16 +220,20 @@ def test_only_embeddings_and_weights_cross_devices(mesh_sizes):
 
 
 def test_train_step_learns_and_reports_metrics():
-    batch = make_batch(1)
-    step, state, _ = compiled_step({"data": 2, "fsdp": 4}, batch, encode_chunk=2)
+    texts = make_batch(1)
+    step, state, _, batch = compiled_step({"data": 2, "fsdp": 4}, texts, encode_chunk=2)
     losses = []
     for _ in range(6):
         state, metrics = step(state, batch)
         losses.append(float(metrics["unweighted_loss"]))
     assert int(state.step) == 6
     assert set(metrics) >= {"loss", "beta", "gamma", "learning_rate", "grad_norm", "positive_cosine",
-                            "hardest_negative_cosine", "masked_fraction"}
+                            "hardest_negative_cosine", "masked_fraction", "real_tokens", "real_token_fraction"}
+    real = texts["query_mask"].sum() + texts["passage_mask"].sum()
+    assert float(metrics["real_tokens"]) == real
+    positions = batch["query_tokens"].size + batch["passage_tokens"].size
+    assert float(metrics["real_token_fraction"]) == pytest.approx(real / positions)
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert losses[-1] < losses[0]
-    kernel = state.params["layer_0"]["attention"]["query"]["kernel"]
-    assert kernel.sharding.shard_shape(kernel.shape)[0] == TINY.hidden_size // 4
+    kernel = state.params["layers"]["attention"]["query"]["kernel"]  # [layers, embed, heads, kv]
+    assert kernel.sharding.shard_shape(kernel.shape)[1] == TINY.hidden_size // 4

@@ -252,3 +252,75 @@ def test_export_from_checkpoint_equals_the_runs_own_export(uninterrupted, tmp_pa
     assert any(not np.array_equal(load_file(str(earlier / "model.safetensors"))[k], want[k]) for k in want)
     missing = run([sys.executable, "-m", "pegjax.export", f"--checkpoint={uninterrupted}/checkpoints/4", f"--out={tmp_path / 'x'}"])
     assert missing.returncode != 0 and "no checkpoint at step 4" in missing.stderr
+
+
+def tiny_config(shared_data, train_file, **train):
+    """The config of ``tiny_args`` as a ConfigDict, for runs inside the test process."""
+    from configs.peg import get_config
+
+    config = get_config("paper")
+    config.unlock()
+    config.model.path = ""
+    config.model.random_init.update(vocab_file=str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"), hidden_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config.model.dtype = "float32"
+    config.mesh.update(fsdp=1, data=-1)
+    config.data.update(train_files=str(train_file), query_length=16, passage_length=24)
+    config.train.update(dict(dict(queries_per_step=8, steps=STEPS, checkpoint_steps=3, log_steps=2, encode_chunk=8), **train))
+    config.loss.query_block = 8
+    config.lock()
+    return config
+
+
+def test_no_step_waits_for_the_host_unless_something_is_due(shared_data, train_file, tmp_path, monkeypatch):
+    """Every device-to-host read goes through jax.Array._value: record which step had just been
+    dispatched when each read happened. Only a closed log window (read one step late, once the next
+    step is queued) and the final step may read; the steps in between never do."""
+    from jax._src import array as jax_array
+
+    from pegjax import train
+
+    dispatched = {"step": 0}
+    reads = []
+    value = jax_array.ArrayImpl._value
+
+    def recording_value(self):
+        reads.append(dispatched["step"])
+        return value.fget(self)
+
+    monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(recording_value))
+    jit_train_step = train.jit_train_step
+
+    def counting_jit_train_step(*args, **kwargs):
+        step_fn = jit_train_step(*args, **kwargs)
+
+        def step(state, batch):
+            out = step_fn(state, batch)
+            dispatched["step"] += 1
+            return out
+        return step
+
+    monkeypatch.setattr(train, "jit_train_step", counting_jit_train_step)
+    config = tiny_config(shared_data, train_file, steps=8, log_steps=4, checkpoint_steps=100, export=False)
+    config.unlock()
+    config.evals = {"tiny": {"task": f"{tiny_beir_folder(tmp_path / 'task')}:test", "log_steps": 0}}  # at the end only
+    config.lock()
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    during = sorted(set(step for step in reads if 0 < step))
+    assert during == [5, 8], f"host reads after dispatching steps {during}; only 5 (the window of 1-4) and 8 (the end) may read"
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [line["step"] for line in lines if "loss" in line] == [4, 8]
+    assert "tiny/ndcg@10" in lines[-1]
+
+
+def tiny_beir_folder(folder):
+    """A 6-document BEIR folder (test split of 3 queries) for evals inside a training run."""
+    os.makedirs(folder / "qrels")
+    with open(folder / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i in range(6):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": f"文档 {i} 高血压"}) + "\n")
+    with open(folder / "queries.jsonl", "w", encoding="utf-8") as f:
+        for i in range(3):
+            f.write(json.dumps({"_id": f"q{i}", "text": f"问题 {i}"}) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(3)))
+    return folder

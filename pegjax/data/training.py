@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from pegjax.data.jsonl import DataError, decode_object, lines
+from pegjax.data.packing import DoesNotFit, RowGeometry, chunked_rows, estimate_geometry, pack_shards
 
 FORMAT_VERSION = "3"
 
@@ -204,6 +205,60 @@ def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int 
     if data.workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     return iterable
+
+
+def sample_lengths(record_path: str, tokenizer, config, count: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token counts of ``count`` random records' queries (prompt included) and of their passages
+    (every positive and negative), truncated as training truncates them -> ([n] int, [m] int)."""
+    import grain
+
+    from pegjax.data.tokenizer import tokenize
+
+    source = grain.sources.ArrayRecordDataSource([record_path])
+    picks = np.random.default_rng(seed).choice(len(source), min(count, len(source)), replace=False)
+    records = [json.loads(source[int(i)]) for i in sorted(picks)]
+    prefix = config.data.query_prefix
+    queries = [(r["prompt"] if r["prompt"] is not None else prefix) + r["query"] for r in records]
+    passages = [p for r in records for p in r["pos"] + r["neg"]]
+    query_lengths = [len(ids) for ids in tokenize(tokenizer, queries, config.data.query_length)]
+    passage_lengths = [len(ids) for ids in tokenize(tokenizer, passages, config.data.passage_length)]
+    return np.asarray(query_lengths), np.asarray(passage_lengths)
+
+
+def row_geometries(record_path: str, tokenizer, config, shards: int) -> dict[str, RowGeometry]:
+    """{"query": ..., "passage": ...}: rows per batch shard for this data (`pegjax.data.packing`),
+    or one text a row with ``config.data.packing=False``."""
+    queries = config.train.queries_per_step // shards
+    texts = {"query": queries, "passage": queries * (1 + config.data.hard_negatives)}
+    lengths = {"query": config.data.query_length, "passage": config.data.passage_length}
+    chunk = config.train.encode_chunk
+    if not config.data.packing:
+        return {kind: RowGeometry(texts[kind], chunked_rows(texts[kind], chunk)[0], lengths[kind], 1, chunk)
+                for kind in texts}
+    samples = dict(zip(("query", "passage"), sample_lengths(record_path, tokenizer, config, seed=config.seed)))
+    return {kind: estimate_geometry(samples[kind], texts[kind], lengths[kind], chunk, seed=config.seed) for kind in texts}
+
+
+def pack_for_step(texts: dict, shards: int, geometries: dict[str, RowGeometry], pad_id: int,
+                  agree=lambda spilled: spilled) -> tuple[dict, dict[str, bool]]:
+    """This process's batch, one text a row (``flatten_groups``) -> (the step's packed batch,
+    {kind: spilled}). A kind whose texts do not fit its rows -- here, or in any process as
+    ``agree`` (an OR over processes) reports -- is laid out one text a row instead."""
+    layout, spilled = {}, {}
+    for kind, geometry in geometries.items():
+        try:
+            layout[kind] = pack_shards(texts[f"{kind}_ids"], texts[f"{kind}_mask"], shards, geometry, pad_id)
+            spilled[kind] = False
+        except DoesNotFit:
+            spilled[kind] = True
+    spilled = agree(spilled)
+    for kind, geometry in geometries.items():
+        if spilled[kind]:
+            layout[kind] = pack_shards(texts[f"{kind}_ids"], texts[f"{kind}_mask"], shards, geometry.one_per_row(), pad_id)
+    batch = {f"{kind}_{name}": array for kind, arrays in layout.items()
+             for name, array in zip(("tokens", "segments", "slots"), arrays)}
+    batch.update(passage_hashes=texts["passage_hashes"], positive_hashes=texts["positive_hashes"])
+    return batch, spilled
 
 
 def flatten_groups(batch: dict) -> dict:

@@ -1,22 +1,36 @@
-"""A BERT-family text encoder as a Flax linen module, and pooling.
+"""A BERT-family text encoder as a Flax linen module, and pooling per text.
 
 The module is a pure function of its parameters: ``BertEncoder(config).apply({"params": params},
-input_ids, attention_mask)`` returns the last hidden states. It knows nothing of devices or
-training; every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "mlp", ...)
+input_ids, segment_ids)`` returns the last hidden states. It knows nothing of devices or training;
+every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "mlp", "layers", ...)
 that `pegjax.sharding` maps to mesh axes.
 
-Layout of the parameters (all float32 unless ``param_dtype`` says otherwise)::
+**Rows and segments.** A row of ``input_ids [B, L]`` holds one text or several packed ones.
+``segment_ids [B, L]`` says which: 0 is padding, k > 0 the k-th text of the row. Tokens attend only
+within their own segment (block-diagonal attention), positions restart at 0 for every text, and
+`pool_segments` gives one vector per text. A plain padded batch is the case of one segment per
+row: its attention mask (1 = token, 0 = padding) *is* its segment ids.
 
-    embeddings/word_embeddings/embedding        [vocab, embed]
-    embeddings/position_embeddings/embedding    [positions, embed]
-    embeddings/token_type_embeddings/embedding  [token_types, embed]
-    embeddings/layer_norm/{scale,bias}          [embed]
-    layer_{i}/attention/{query,key,value}/kernel [embed, heads, kv]   bias [heads, kv]
-    layer_{i}/attention/output/kernel           [heads, kv, embed]    bias [embed]
-    layer_{i}/attention_norm/{scale,bias}       [embed]
-    layer_{i}/intermediate/kernel               [embed, mlp]          bias [mlp]
-    layer_{i}/output/kernel                     [mlp, embed]          bias [embed]
-    layer_{i}/output_norm/{scale,bias}          [embed]
+**Layers** run under ``nn.scan``: their parameters are stacked on a leading "layers" axis and the
+layer body is traced and compiled once, whatever the depth.
+
+**Dropout** draws its keep-mask from a counter-based hash of (seed, call site, element index)
+instead of threefry: it is a few integer operations per element that fuse into the surrounding
+kernel, gives the same mask in the forward pass and in its recomputation, and does not depend on
+how the array is sharded. ``dropout_seed`` ([] uint32) switches it on.
+
+Layout of the parameters (all float32 unless ``param_dtype`` says otherwise; n = layers)::
+
+    embeddings/word_embeddings/embedding          [vocab, embed]
+    embeddings/position_embeddings/embedding      [positions, embed]
+    embeddings/token_type_embeddings/embedding    [token_types, embed]
+    embeddings/layer_norm/{scale,bias}            [embed]
+    layers/attention/{query,key,value}/kernel     [n, embed, heads, kv]   bias [n, heads, kv]
+    layers/attention/output/kernel                [n, heads, kv, embed]   bias [n, embed]
+    layers/attention_norm/{scale,bias}            [n, embed]
+    layers/intermediate/kernel                    [n, embed, mlp]         bias [n, mlp]
+    layers/output/kernel                          [n, mlp, embed]         bias [n, embed]
+    layers/output_norm/{scale,bias}               [n, embed]
 """
 
 from __future__ import annotations
@@ -27,8 +41,10 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Pooling = Literal["cls", "mean"]
+Attention = Literal["auto", "xla", "cudnn"]
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -38,6 +54,10 @@ ACTIVATIONS = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# A masked attention score: far below any real one, finite so that a row with nothing to attend
+# to (padding) stays finite.
+_MASKED = -1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +94,82 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+def _hash32(x):
+    """A 32-bit integer mix with full avalanche (uint32 -> uint32, a bijection)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def dropout(x, rate: float, seed, site: int):
+    """Inverted dropout: x * keep / (1 - rate), keep ~ Bernoulli(1 - rate) per element.
+
+    x: any shape and float dtype; seed: [] uint32 (None: no dropout); site: an int distinct for
+    every call site of one forward pass. The mask is a hash of (seed, site, the element's index in
+    x), so it is the same wherever and however often it is computed.
+    """
+    if seed is None or rate <= 0.0:
+        return x
+    if x.size >= 2**32:
+        raise ValueError(f"dropout over {x.size} elements: at most 2**32 - 1 per call; use a smaller encode chunk")
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(x.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
+        stride *= x.shape[dim]
+    key = _hash32(seed.astype(jnp.uint32) ^ jnp.uint32((site * 0x9E3779B9) & 0xFFFFFFFF))
+    bits = _hash32(index ^ key)
+    keep = bits >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def attention_bias(segment_ids, packed: bool):
+    """Additive attention bias [B, 1, L|1, L] float32 from segment ids [B, L] int32.
+
+    Packed rows: a token sees the tokens of its own segment (padding sees padding). Otherwise only
+    the key side matters, so the bias is [B, 1, 1, L] and costs no [L, L] array.
+    """
+    if packed:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        return jnp.where(same, 0.0, _MASKED).astype(jnp.float32)
+    return jnp.where(segment_ids[:, None, None, :] > 0, 0.0, _MASKED).astype(jnp.float32)
+
+
+def segment_positions(segment_ids):
+    """Position of every token within its own segment: [B, L] int32 -> [B, L] int32."""
+    index = lax.broadcasted_iota(jnp.int32, segment_ids.shape, 1)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start_index = lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - start_index
+
+
+def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: int, implementation: str):
+    """Softmax attention. query/key/value [B, L, H, K] dtype; bias [B, 1, L|1, L] float32 ->
+    [B, L, H, K] dtype.
+
+    "cudnn" (GPU, bf16/fp16, no attention dropout) calls ``jax.nn.dot_product_attention``'s fused
+    kernel. "xla" computes it in the heads-major layout [B, H, L, K] with batched matmuls and
+    float32 scores and softmax: XLA:CPU runs that ~3x faster than the einsum form (bench/encode.py).
+    """
+    if implementation == "cudnn":
+        if seed is not None and dropout_rate > 0:
+            raise ValueError("the cudnn attention has no dropout: set config.model.attention=xla, or turn "
+                             "attention dropout off (attention_probs_dropout_prob=0)")
+        return jax.nn.dot_product_attention(query, key, value, bias=bias.astype(query.dtype), implementation="cudnn")
+    heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+    scores = jnp.matmul(
+        heads_major(query), heads_major(key).transpose(0, 1, 3, 2), preferred_element_type=jnp.float32
+    )  # [B, H, L, L]
+    scores = scores / jnp.sqrt(jnp.float32(query.shape[-1])) + bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, dropout_rate, seed, site)
+    return jnp.matmul(probs.astype(value.dtype), heads_major(value)).transpose(0, 2, 1, 3)
+
+
 def _init(config: BertConfig, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(
         nn.initializers.normal(stddev=config.initializer_range), axes
@@ -104,10 +200,11 @@ class SelfAttention(nn.Module):
     config: BertConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    implementation: str
 
     @nn.compact
-    def __call__(self, hidden, attention_bias, deterministic: bool):
-        """hidden [B, L, E] dtype; attention_bias [B, 1, 1, L] float32 -> [B, L, E] dtype."""
+    def __call__(self, hidden, bias, seed):
+        """hidden [B, L, E] dtype; bias [B, 1, L|1, L] float32; seed [] uint32 or None -> [B, L, E]."""
         cfg = self.config
         proj = lambda name: nn.DenseGeneral(  # noqa: E731
             features=(cfg.num_attention_heads, cfg.head_dim),
@@ -117,19 +214,10 @@ class SelfAttention(nn.Module):
             bias_init=_zeros(("heads", "kv")),
             name=name,
         )
-        # Heads-major layout [B, H, L, K] before the batched matmuls: XLA:CPU runs them ~3x
-        # faster than the equivalent einsum on [B, L, H, K] (bench/encode.py).
-        heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
-        query = heads_major(proj("query")(hidden))
-        key = heads_major(proj("key")(hidden))
-        value = heads_major(proj("value")(hidden))
-        scores = jnp.matmul(
-            query, key.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32
-        )  # [B, H, L, L]
-        scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim)) + attention_bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        context = jnp.matmul(probs.astype(self.dtype), value).transpose(0, 2, 1, 3)  # [B, L, H, K]
+        context = dot_attention(
+            proj("query")(hidden), proj("key")(hidden), proj("value")(hidden), bias,
+            dropout_rate=cfg.attention_probs_dropout_prob, seed=seed, site=0, implementation=self.implementation,
+        )
         return nn.DenseGeneral(
             features=cfg.hidden_size,
             axis=(-2, -1),
@@ -142,20 +230,22 @@ class SelfAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """One post-LayerNorm transformer layer, as in BERT."""
+    """One post-LayerNorm transformer layer, as in BERT; the body of the layer scan."""
 
     config: BertConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    implementation: str
 
     @nn.compact
-    def __call__(self, hidden, attention_bias, deterministic: bool):
+    def __call__(self, hidden, bias, seed):
+        """(hidden [B, L, E], bias, seed [] uint32 or None) -> (hidden, None)."""
         cfg = self.config
-        dropout = nn.Dropout(cfg.hidden_dropout_prob)
-        attended = SelfAttention(cfg, self.dtype, self.param_dtype, name="attention")(
-            hidden, attention_bias, deterministic
+        rate = cfg.hidden_dropout_prob
+        attended = SelfAttention(cfg, self.dtype, self.param_dtype, self.implementation, name="attention")(
+            hidden, bias, seed
         )
-        attended = dropout(attended, deterministic=deterministic)
+        attended = dropout(attended, rate, seed, site=1)
         hidden = _layer_norm(cfg, "attention_norm")(hidden + attended).astype(self.dtype)
         inner = nn.Dense(
             cfg.intermediate_size,
@@ -174,8 +264,8 @@ class TransformerLayer(nn.Module):
             bias_init=_zeros(("embed",)),
             name="output",
         )(inner)
-        out = dropout(out, deterministic=deterministic)
-        return _layer_norm(cfg, "output_norm")(hidden + out).astype(self.dtype)
+        out = dropout(out, rate, seed, site=2)
+        return _layer_norm(cfg, "output_norm")(hidden + out).astype(self.dtype), None
 
 
 class Embeddings(nn.Module):
@@ -218,17 +308,21 @@ class BertEncoder(nn.Module):
       config: the architecture.
       dtype: compute dtype (float32 or bfloat16); softmax and LayerNorm statistics stay float32.
       param_dtype: dtype the parameters are stored in (float32).
+      attention: "xla" or "cudnn" (see `dot_attention`).
     """
 
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
-        """input_ids, attention_mask, token_type_ids: [B, L] int32 -> hidden states [B, L, E] dtype.
+    def __call__(self, input_ids, segment_ids, packed: bool = False, dropout_seed=None):
+        """input_ids, segment_ids: [B, L] int32 -> hidden states [B, L, E] dtype.
 
-        Dropout is active only with ``deterministic=False`` (needs a "dropout" rng).
+        ``packed``: rows may hold several texts (block-diagonal attention); with False every row is
+        one text and ``segment_ids`` is its 0/1 attention mask. ``dropout_seed``: [] uint32 turns
+        dropout on (None: off).
         """
         cfg = self.config
         if input_ids.shape[1] > cfg.max_position_embeddings:
@@ -236,42 +330,60 @@ class BertEncoder(nn.Module):
                 f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
                 f"{cfg.max_position_embeddings}; lower max_length"
             )
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        positions = segment_positions(segment_ids) if packed else jnp.arange(input_ids.shape[1])[None, :]
         hidden = Embeddings(cfg, self.param_dtype, name="embeddings")(
-            input_ids, positions, token_type_ids
+            input_ids, positions, jnp.zeros_like(input_ids)
         )
-        hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+        layers = cfg.num_hidden_layers
+        seeds = None
+        if dropout_seed is not None:
+            # One seed per layer (scanned); site 3 of the step's own seed for the embedding dropout.
+            seeds = _hash32(dropout_seed.astype(jnp.uint32) + jnp.arange(1, layers + 1, dtype=jnp.uint32))
+            hidden = dropout(hidden, cfg.hidden_dropout_prob, dropout_seed, site=3)
         hidden = hidden.astype(self.dtype)
-        # Additive mask, float32 so that bf16 compute does not round it.
-        attention_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(
-            jnp.float32
+        bias = attention_bias(segment_ids, packed)
+        scan = nn.scan(
+            TransformerLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        for i in range(cfg.num_hidden_layers):
-            hidden = TransformerLayer(cfg, self.dtype, self.param_dtype, name=f"layer_{i}")(
-                hidden, attention_bias, deterministic
-            )
+        hidden, _ = scan(cfg, self.dtype, self.param_dtype, self.attention, name="layers")(hidden, bias, seeds)
         return hidden
 
 
 def pool(hidden, attention_mask, pooling: Pooling, normalize: bool):
-    """Sentence embeddings from token states.
+    """Sentence embeddings of one-text rows.
 
     hidden [B, L, E] any float dtype; attention_mask [B, L] int -> [B, E] float32.
     "cls" takes the first token; "mean" averages the attended tokens. ``normalize`` L2-normalises.
     """
+    return pool_segments(hidden, attention_mask, 1, pooling, normalize)[:, 0]
+
+
+def pool_segments(hidden, segment_ids, slots: int, pooling: Pooling, normalize: bool):
+    """One vector per segment: hidden [B, L, E]; segment_ids [B, L] int32 -> [B, slots, E] float32.
+
+    Slot s of a row is its segment s + 1 ("cls": the segment's first token; "mean": the average of
+    its tokens); a slot with no segment gives zeros.
+    """
     hidden = hidden.astype(jnp.float32)
+    member = (segment_ids[:, None, :] == jnp.arange(1, slots + 1, dtype=segment_ids.dtype)[None, :, None])
     if pooling == "cls":
-        pooled = hidden[:, 0]
+        first = member & ~jnp.concatenate([jnp.zeros_like(member[..., :1]), member[..., :-1]], axis=-1)
+        pooled = jnp.einsum("bsl,ble->bse", first.astype(jnp.float32), hidden, precision=lax.Precision.HIGHEST)
     elif pooling == "mean":
-        mask = attention_mask.astype(jnp.float32)[:, :, None]
-        pooled = (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1e-9)
+        weights = member.astype(jnp.float32)
+        pooled = jnp.einsum("bsl,ble->bse", weights, hidden, precision=lax.Precision.HIGHEST)
+        pooled = pooled / jnp.maximum(weights.sum(-1)[..., None], 1e-9)
     else:
         raise ValueError(f"pooling={pooling!r} is not supported; use 'cls' or 'mean'")
     if normalize:
-        norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True))
-        pooled = pooled / jnp.maximum(norm, 1e-12)
+        # The floor sits inside the square root: an empty slot (a zero vector) then has a finite
+        # gradient, not 0 * inf.
+        pooled = pooled * lax.rsqrt(jnp.maximum(jnp.sum(pooled * pooled, axis=-1, keepdims=True), 1e-24))
     return pooled
 
 
@@ -283,25 +395,28 @@ class EmbeddingModel:
     pooling: Pooling = "cls"
     normalize: bool = True
     dtype: str = "float32"
+    attention: Attention = "auto"
+
+    @property
+    def attention_implementation(self) -> str:
+        if self.attention != "auto":
+            return self.attention
+        fused = jax.default_backend() == "gpu" and self.dtype == "bfloat16"
+        return "cudnn" if fused and self.config.attention_probs_dropout_prob == 0 else "xla"
 
     @property
     def module(self) -> BertEncoder:
-        return BertEncoder(self.config, dtype=DTYPES[self.dtype])
+        return BertEncoder(self.config, dtype=DTYPES[self.dtype], attention=self.attention_implementation)
 
-    def embed(self, params, input_ids, attention_mask, token_type_ids=None, dropout_rng=None):
-        """params (unboxed); [B, L] int32 ids/mask -> [B, E] float32 embeddings.
-
-        Dropout runs when ``dropout_rng`` is given, never otherwise.
-        """
-        hidden = self.module.apply(
-            {"params": params},
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            deterministic=dropout_rng is None,
-            rngs=None if dropout_rng is None else {"dropout": dropout_rng},
-        )
+    def embed(self, params, input_ids, attention_mask, dropout_seed=None):
+        """params (unboxed); [B, L] int32 ids / 0-1 mask, one text a row -> [B, E] float32."""
+        hidden = self.module.apply({"params": params}, input_ids, attention_mask, False, dropout_seed)
         return pool(hidden, attention_mask, self.pooling, self.normalize)
+
+    def embed_packed(self, params, input_ids, segment_ids, slots: int, dropout_seed=None):
+        """params; [B, L] int32 ids / segment ids, up to ``slots`` texts a row -> [B, slots, E] float32."""
+        hidden = self.module.apply({"params": params}, input_ids, segment_ids, True, dropout_seed)
+        return pool_segments(hidden, segment_ids, slots, self.pooling, self.normalize)
 
     def init(self, rng, seq_len: int = 8):
         """Random parameters, boxed with their logical axis names (``nn.unbox`` for arrays)."""

@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from pegjax.models.bert import BertConfig
@@ -179,6 +180,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: BertConfig, source: str
             "layer_norm": layer_norm("embeddings.LayerNorm"),
         }
     }
+    layers = []
     for i in range(config.num_hidden_layers):
         p = f"encoder.layer.{i}."
         attention = {
@@ -193,7 +195,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: BertConfig, source: str
             "kernel": f32(p + "attention.output.dense.weight").T.reshape(h, k, -1),
             "bias": f32(p + "attention.output.dense.bias"),
         }
-        params[f"layer_{i}"] = {
+        layers.append({
             "attention": attention,
             "attention_norm": layer_norm(p + "attention.output.LayerNorm"),
             "intermediate": {
@@ -205,7 +207,9 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: BertConfig, source: str
                 "bias": f32(p + "output.dense.bias"),
             },
             "output_norm": layer_norm(p + "output.LayerNorm"),
-        }
+        })
+    # The encoder scans its layers: every layer parameter is stacked on a leading layer axis.
+    params["layers"] = jax.tree.map(lambda *per_layer: np.stack(per_layer), *layers)
     return params
 
 
@@ -222,7 +226,7 @@ def params_to_hf(params: dict, config: BertConfig) -> dict[str, np.ndarray]:
     }
     e = config.hidden_size
     for i in range(config.num_hidden_layers):
-        layer = params[f"layer_{i}"]
+        layer = jax.tree.map(lambda stacked: stacked[i], params["layers"])  # noqa: B023
         p = f"encoder.layer.{i}."
         for name in ("query", "key", "value"):
             out[p + f"attention.self.{name}.weight"] = get(layer, "attention", name, "kernel").reshape(e, e).T

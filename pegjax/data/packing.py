@@ -1,0 +1,156 @@
+"""Packing texts into fixed-length rows: compute follows real tokens, shapes stay fixed for jit.
+
+A batch shard's texts (token id sequences of different lengths) are placed into ``rows`` rows of
+``length`` tokens, at most ``slots`` texts a row, first-fit by decreasing length. Each row carries
+its segment ids (0 = padding, k = the k-th text of the row); each text gets a *slot*, the index of
+its pooled vector in the shard's ``[rows * slots]`` output: ``row * slots + (segment - 1)``. The
+encoder attends within segments, restarts positions per segment and pools per segment
+(`pegjax.models.bert`), so a packed row gives the same embeddings as one text a row.
+
+The row count per shard is fixed for a run (a `RowGeometry`, chosen before training from a sample
+of the data). A batch whose texts do not fit is packed with one row per text instead (`RowGeometry.one_per_row`);
+that shape compiles once more and is counted, never truncated or dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+class DoesNotFit(ValueError):
+    """The texts need more rows than the geometry has."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RowGeometry:
+    """How one kind of text (queries or passages) is laid out per batch shard."""
+
+    texts: int  # texts per shard
+    rows: int  # packed rows per shard, equal chunks of at most ``max_chunk`` (`chunked_rows`)
+    length: int  # tokens per row
+    slots: int  # at most this many texts per row
+    max_chunk: int  # config.train.encode_chunk: rows per shard encoded at once, at most
+
+    @property
+    def chunk(self) -> int:
+        return chunked_rows(self.rows, self.max_chunk)[1]
+
+    @property
+    def chunks(self) -> int:
+        return self.rows // self.chunk
+
+    def one_per_row(self) -> "RowGeometry":
+        """Enough rows for one text a row: every batch fits."""
+        return dataclasses.replace(self, rows=chunked_rows(self.texts, self.max_chunk)[0])
+
+
+def chunked_rows(needed: int, max_chunk: int) -> tuple[int, int]:
+    """(rows, chunk): the fewest rows >= ``needed`` that split into equal chunks of at most
+    ``max_chunk`` rows; at most ``chunks - 1`` rows are added."""
+    needed = max(needed, 1)
+    chunks = math.ceil(needed / max_chunk)
+    chunk = math.ceil(needed / chunks)
+    return chunks * chunk, chunk
+
+
+def assign(lengths: np.ndarray, rows: int, length: int, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First-fit decreasing: lengths [N] int -> (row [N], offset [N], segment [N]) int32, segment
+    1-based. Raises DoesNotFit when ``rows`` rows are not enough."""
+    lengths = np.asarray(lengths)
+    if len(lengths) and lengths.max() > length:
+        raise ValueError(f"a text of {lengths.max()} tokens does not fit a row of {length}")
+    free = np.full(rows, length, np.int64)
+    used = np.zeros(rows, np.int64)
+    row = np.empty(len(lengths), np.int32)
+    offset = np.empty(len(lengths), np.int32)
+    segment = np.empty(len(lengths), np.int32)
+    for i in np.argsort(-lengths, kind="stable"):
+        fits = (free >= lengths[i]) & (used < slots)
+        r = int(np.argmax(fits))
+        if not fits[r]:
+            raise DoesNotFit(f"{len(lengths)} texts need more than {rows} rows of {length} tokens")
+        row[i], offset[i], segment[i] = r, length - free[r], used[r] + 1
+        free[r] -= lengths[i]
+        used[r] += 1
+    return row, offset, segment
+
+
+def pack(ids: np.ndarray, mask: np.ndarray, geometry: RowGeometry, pad_id: int = 0):
+    """Texts of one shard, padded one a row -> packed rows.
+
+    ids, mask: [N, L] int32 (L <= geometry.length; real tokens first). Returns (tokens [rows,
+    length] int32, segments [rows, length] int32, slots [N] int32). Raises DoesNotFit.
+    """
+    lengths = mask.sum(axis=1).astype(np.int64)
+    row, offset, segment = assign(lengths, geometry.rows, geometry.length, geometry.slots)
+    tokens = np.full((geometry.rows, geometry.length), pad_id, np.int32)
+    segments = np.zeros((geometry.rows, geometry.length), np.int32)
+    for i in range(len(lengths)):
+        start, end = offset[i], offset[i] + lengths[i]
+        tokens[row[i], start:end] = ids[i, : lengths[i]]
+        segments[row[i], start:end] = segment[i]
+    return tokens, segments, (row * geometry.slots + segment - 1).astype(np.int32)
+
+
+def pack_shards(ids: np.ndarray, mask: np.ndarray, shards: int, geometry: RowGeometry, pad_id: int = 0):
+    """A process's texts, ``shards`` contiguous equal groups (its batch shards), each packed by
+    `pack` -> (tokens [shards*rows, length], segments, slots [N] indexing within its own shard)."""
+    per = len(ids) // shards
+    parts = [pack(ids[s * per:(s + 1) * per], mask[s * per:(s + 1) * per], geometry, pad_id) for s in range(shards)]
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+
+
+def rows_needed(lengths: np.ndarray, length: int, slots: int) -> int:
+    """The rows first-fit decreasing uses for these lengths."""
+    return int(assign(lengths, len(lengths), length, slots)[0].max()) + 1 if len(lengths) else 0
+
+
+def estimate_geometry(sample_lengths: np.ndarray, texts: int, length: int, max_chunk: int, *, seed: int = 0,
+                      trials: int = 16, max_slots: int = 16) -> RowGeometry:
+    """Rows per shard for ``texts`` texts a shard whose lengths follow ``sample_lengths`` (token
+    counts of real texts, already truncated to ``length``).
+
+    Packs ``trials`` shards drawn from the sample and keeps their largest row count, plus 3% and
+    two rows for what the sample did not show, rounded up to equal chunks. ``slots`` is what the
+    shortest texts could need, at most ``max_slots``.
+    """
+    sample_lengths = np.minimum(np.asarray(sample_lengths, np.int64), length)
+    slots = int(min(max_slots, max(1, length // max(int(np.percentile(sample_lengths, 5)), 1))))
+    if slots == 1:
+        return RowGeometry(texts, chunked_rows(texts, max_chunk)[0], length, 1, max_chunk)
+    rng = np.random.default_rng(seed)
+    worst = max(rows_needed(rng.choice(sample_lengths, texts), length, slots) for _ in range(trials))
+    rows = min(texts, int(math.ceil(worst * 1.03)) + 2)
+    return RowGeometry(texts, chunked_rows(rows, max_chunk)[0], length, slots, max_chunk)
+
+
+def fitted_geometry(mask: np.ndarray, shards: int, max_chunk: int, max_slots: int = 16) -> RowGeometry:
+    """The geometry that holds exactly these texts (mask [N, L], ``shards`` equal groups): the most
+    rows any shard needs. ``max_slots=1`` gives one text a row."""
+    lengths = mask.sum(axis=1)
+    per = len(lengths) // shards
+    length = mask.shape[1]
+    slots = max(1, min(max_slots, length // max(int(lengths.min()), 1)))
+    rows = max(rows_needed(lengths[s * per:(s + 1) * per], length, slots) for s in range(shards))
+    return RowGeometry(per, chunked_rows(rows, max_chunk)[0], length, slots, max_chunk)
+
+
+def step_batch(texts: dict, shards: int, queries: RowGeometry, passages: RowGeometry, pad_id: int = 0) -> dict:
+    """One text a row -> the step's packed batch (`pegjax.step`).
+
+    texts: query_ids / query_mask [Q, Lq], passage_ids / passage_mask [P, Lp] int32 (P = Q * G,
+    query i's passages contiguous), passage_hashes [P], positive_hashes [Q, M]; the rows of
+    ``shards`` batch shards in order. Raises DoesNotFit when a shard's texts need more rows.
+    """
+    query_tokens, query_segments, query_slots = pack_shards(texts["query_ids"], texts["query_mask"], shards, queries, pad_id)
+    passage_tokens, passage_segments, passage_slots = pack_shards(
+        texts["passage_ids"], texts["passage_mask"], shards, passages, pad_id)
+    return {
+        "query_tokens": query_tokens, "query_segments": query_segments, "query_slots": query_slots,
+        "passage_tokens": passage_tokens, "passage_segments": passage_segments, "passage_slots": passage_slots,
+        "passage_hashes": np.asarray(texts["passage_hashes"], np.int32).reshape(-1),
+        "positive_hashes": np.asarray(texts["positive_hashes"], np.int32),
+    }
