@@ -135,6 +135,7 @@ def main(argv):
     import jax
 
     FLAGS = flags.FLAGS
+    distributed.use_cpu_cores()
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     lead = jax.process_index() == 0
     encoder = Encoder.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)

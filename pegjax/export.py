@@ -113,8 +113,10 @@ def main(argv):
     del argv
     from absl import flags
 
+    from pegjax import distributed
     from pegjax.encode import Encoder
 
+    distributed.use_cpu_cores()
     FLAGS = flags.FLAGS
     if bool(FLAGS.model) == bool(FLAGS.checkpoint):
         raise SystemExit("error: pass exactly one of --model=DIR or --checkpoint=WORKDIR[/STEP]")

@@ -29,6 +29,7 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/peg.py:demo")
     from pegjax import distributed, train
 
+    distributed.use_cpu_cores()
     try:
         train.check(FLAGS.config)  # a config that cannot run fails before any work
     except train.ConfigError as err:

@@ -226,6 +226,9 @@ def main(argv):
     del argv
     from absl import flags
 
+    from pegjax import distributed
+
+    distributed.use_cpu_cores()
     FLAGS = flags.FLAGS
     if os.path.isfile(FLAGS.queries):
         data = from_pairs(FLAGS.queries, FLAGS.corpus)
