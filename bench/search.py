@@ -9,10 +9,12 @@ are identical.
 """
 
 import argparse
+import os
 
 import numpy as np
 
-from bench.common import best_time
+from bench.common import best_time, cpu_model
+from pegjax.distributed import use_cpu_cores
 
 
 def main():
@@ -22,7 +24,9 @@ def main():
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--k", type=int, default=100)
     args = parser.parse_args()
+    use_cpu_cores()
     import faiss
+    import jax
 
     from pegjax import search
 
@@ -40,7 +44,9 @@ def main():
     theirs_s = best_time(lambda: theirs.update(zip(("scores", "ids"), flat.search(queries, args.k))))
     same_ids = (ours["ids"] == theirs["ids"]).mean()
     same_sets = np.mean([set(a) == set(b) for a, b in zip(ours["ids"], theirs["ids"])])
-    print(f"corpus {args.corpus} x {args.dim}, {args.queries} queries, k={args.k}, faiss threads {faiss.omp_get_max_threads()}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; pegjax on {jax.device_count()} CPU devices, "
+          f"faiss threads {faiss.omp_get_max_threads()}")
+    print(f"corpus {args.corpus} x {args.dim}, {args.queries} queries, k={args.k}")
     print(f"pegjax exact search   {args.queries / ours_s:9.1f} queries/s")
     print(f"faiss IndexFlatIP     {args.queries / theirs_s:9.1f} queries/s")
     print(f"ratio pegjax/faiss    {theirs_s / ours_s:9.2f}x")

@@ -119,7 +119,7 @@ def pegjax_step(queries, groups, sample, args):
     tx = make_optimizer(optax.constant_schedule(2e-5), clip_norm=None)
     state, state_sharding = create_state(model, tx, mesh, seed=0, params=params)
     step_config = StepConfig(model=model, loss=LossConfig(group_size=len(groups[0]), temperature=0.05, query_block=len(queries) // shards),
-                             encode_chunk=args.mini_batch // shards, dropout=True,
+                             encode_chunk=args.mini_batch // shards, dropout=os.environ.get("DROP", "1") == "1",
                              query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots)
     zero = optax.constant_schedule(0.0)
     step = jit_train_step(step_config, tx, {"beta": zero, "gamma": zero, "learning_rate": optax.constant_schedule(2e-5)},

@@ -53,10 +53,14 @@ def _merge(scores_a, index_a, scores_b, index_b, k):
 
 
 @partial(jax.jit, static_argnames=("k", "block", "mesh"))
-def _search_slice(queries, corpus, valid_rows, offset, *, k, block, mesh):
-    """queries [Q, D] replicated; corpus [S*B*block, D] split over devices -> top-k ([Q, k] f32, [Q, k] i32)."""
+def _search_slice(query_batches, corpus, valid_rows, offset, *, k, block, mesh):
+    """query_batches [n, b, D] replicated; corpus [S*B*block, D] split over devices -> top-k
+    ([n, b, k] f32, [n, b, k] i32). The batches run one after another inside this one call."""
 
-    def local(queries, corpus_shard, valid_rows, offset):
+    def local(query_batches, corpus_shard, valid_rows, offset):
+        return jax.lax.map(lambda queries: local_batch(queries, corpus_shard, valid_rows, offset), query_batches)
+
+    def local_batch(queries, corpus_shard, valid_rows, offset):
         shard = jax.lax.axis_index(_AXIS)
         rows = corpus_shard.shape[0]
         blocks = corpus_shard.reshape(rows // block, block, -1)
@@ -85,7 +89,7 @@ def _search_slice(queries, corpus, valid_rows, offset, *, k, block, mesh):
         in_specs=(spec(), spec(_AXIS), spec(), spec()),
         out_specs=(spec(), spec()),
         check_vma=False,
-    )(queries, corpus, valid_rows, offset)
+    )(query_batches, corpus, valid_rows, offset)
 
 
 def search_mesh(devices=None) -> Mesh:
@@ -117,7 +121,7 @@ class Index:
             rows = np.concatenate([rows, np.zeros((self.slice_rows - valid, rows.shape[1]), np.float32)])
         return jax.device_put(rows, self._sharding), valid
 
-    def search(self, queries: np.ndarray, k: int, query_batch: int = 1024, progress: bool = False):
+    def search(self, queries: np.ndarray, k: int, query_batch: int = 256, progress: bool = False):
         """queries [Q, D] float32 -> (scores [Q, k'] float32 descending, corpus rows [Q, k'] int64),
         k' = min(k, corpus size)."""
         queries = np.asarray(queries, dtype=np.float32)
@@ -127,26 +131,25 @@ class Index:
             return np.zeros((num_queries, k), np.float32), np.zeros((num_queries, k), np.int64)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         query_batch = min(query_batch, -(-num_queries // 8) * 8)
-        best_scores = np.full((num_queries, k), -np.inf, np.float32)
-        best_index = np.full((num_queries, k), -1, np.int64)
         starts = range(0, self.size, self.slice_rows)
         if progress:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="search", unit="slice")
+        batches = -(-num_queries // query_batch)
+        padded = np.zeros((batches * query_batch, queries.shape[1]), np.float32)
+        padded[:num_queries] = queries
+        padded = jax.device_put(padded.reshape(batches, query_batch, -1), replicated)
         for start in starts:
             rows, valid = self._resident if self._resident is not None else self._slice(start)
-            for q in range(0, num_queries, query_batch):
-                batch = queries[q : q + query_batch]
-                padded = np.zeros((query_batch, batch.shape[1]), np.float32)
-                padded[: len(batch)] = batch
-                scores, index = _search_slice(
-                    jax.device_put(padded, replicated), rows, jnp.int32(valid), jnp.int32(start),
-                    k=min(k, valid), block=self.block, mesh=self.mesh,
-                )
-                scores = np.asarray(scores)[: len(batch)]
-                index = np.asarray(index)[: len(batch)].astype(np.int64)
-                _merge_host(best_scores[q : q + len(batch)], best_index[q : q + len(batch)], scores, index)
+            scores, index = _search_slice(padded, rows, jnp.int32(valid), jnp.int32(start),
+                                          k=min(k, valid), block=self.block, mesh=self.mesh)
+            scores = np.array(scores).reshape(-1, scores.shape[-1])[:num_queries]
+            index = np.array(index).reshape(-1, index.shape[-1])[:num_queries].astype(np.int64)
+            if start == 0:  # the first slice's top-k is the running top-k
+                best_scores, best_index = scores, index
+            else:
+                _merge_host(best_scores, best_index, scores, index)
         return best_scores, best_index
 
 

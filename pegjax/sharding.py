@@ -12,6 +12,7 @@ axes. Changing the parallelism of a run is a config change, never a model change
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
@@ -87,16 +88,46 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_shardings(boxed_params: Any, mesh: Mesh) -> Any:
-    """Tree of NamedSharding for params, from their logical axis names (boxed, or abstract)."""
-    logical = nn.get_partition_spec(boxed_params)
-    return nn.logical_to_mesh_sharding(logical, mesh, LOGICAL_AXIS_RULES)
+    """Tree of NamedSharding for params, from their logical axis names (boxed, or abstract).
+
+    A dimension that its mesh axes do not divide (a vocabulary of 21,128 rows over 6 devices, say)
+    is left unsharded along them; the first call logs which.
+    """
+    return _fitted_shardings(boxed_params, mesh, LOGICAL_AXIS_RULES)
 
 
 def gathered_param_shardings(boxed_params: Any, mesh: Mesh) -> Any:
     """Param shardings with the fsdp split undone (tensor split kept): the layout an encoder call
     uses, so that FSDP all-gathers weights, never activations."""
     rules = tuple((name, None if axis == "fsdp" else axis) for name, axis in LOGICAL_AXIS_RULES)
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_params), mesh, rules)
+    return _fitted_shardings(boxed_params, mesh, rules)
+
+
+_LOGGED: set = set()
+
+
+def _fitted_shardings(boxed_params: Any, mesh: Mesh, rules) -> Any:
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_params), rules)
+    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_params))
+    unsharded = []
+
+    def fit(path, spec, shape):
+        axes = []
+        for dim, (size, axis) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+            names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+            ways = math.prod(mesh.shape[name] for name in names)
+            if ways > 1 and size % ways:
+                unsharded.append(f"{jax.tree_util.keystr(path)}[{dim}]={size} over {'x'.join(names)}={ways}")
+                axis = None
+            axes.append(axis)
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    shardings = jax.tree_util.tree_map_with_path(fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    message = "; ".join(unsharded)
+    if unsharded and message not in _LOGGED:
+        _LOGGED.add(message)
+        logging.warning("parameter dimensions the mesh does not divide stay unsharded along those axes: %s", message)
+    return shardings
 
 
 def state_shardings(tx, params_sharding: Any, abstract_opt_state: Any, mesh: Mesh) -> Any:
