@@ -11,14 +11,19 @@ passages (and optionally the other Q-1 queries). With s_ij = cos(q_i, p_j) / tau
 N_i is the number of unmasked negatives of query i. beta = 0 gives w_ij = 1 (plain InfoNCE); a
 larger beta moves the weight onto the hardest negatives. gamma = 0 gives v_i = 1.
 
+Padding queries (``valid`` false: rows that only make the global batch split over the devices)
+are invisible: no loss, no weight in the statistics of v, no gradient; their passages are never
+candidates and never counted in N_i; the metrics leave them out.
+
 A negative j of query i is masked (left out of the sum) when it is i's positive, when its text hash
 equals that of i's positive or of another listed positive of i, or (optional margin guard) when it
 scores above i's positive by more than ``margin`` in cosine. A hash of 0 means "unknown" and never
 matches. A query whose negatives are all masked has loss_i = 0.
 
-The [Q, P] score matrix never exists whole: queries are taken in blocks of ``query_block`` rows per
-batch shard, each block scored against all passages and checkpointed, so the forward and backward
-pass hold O(shards * query_block * P) scores at a time.
+The [Q, P] score matrix never exists whole: queries are taken in blocks of at most ``query_block``
+rows per batch shard (equal blocks; rows that do not fill the last one are padding), each block
+scored against all passages and checkpointed, so the forward and backward pass hold
+O(shards * query_block * P) scores at a time.
 """
 
 from __future__ import annotations
@@ -31,24 +36,28 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def outlier_downweight(losses, gamma):
+def outlier_downweight(losses, gamma, valid=None):
     """v_i = exp(-gamma * max(0, z_i)), z_i the loss standardised over the global batch.
 
     Down-weights queries with outlying (likely mislabelled) loss; gamma = 0 weighs all alike.
-    losses [Q] float32 -> [Q] float32 in (0, 1].
+    losses [Q] float32, valid [Q] bool (None: all) -> [Q] float32 in (0, 1], 0 where not valid;
+    the mean and std are those of the valid queries.
     """
-    mean = losses.mean()
-    std = jnp.sqrt(jnp.maximum(((losses - mean) ** 2).mean(), 0.0))
+    valid = jnp.ones(losses.shape, bool) if valid is None else valid
+    count = jnp.maximum(valid.sum(), 1)
+    mean = jnp.where(valid, losses, 0.0).sum() / count
+    std = jnp.sqrt(jnp.where(valid, (losses - mean) ** 2, 0.0).sum() / count)
     z = (losses - mean) / jnp.maximum(std, 1e-6)
-    return jnp.exp(-gamma * jnp.maximum(z, 0.0))
+    return jnp.where(valid, jnp.exp(-gamma * jnp.maximum(z, 0.0)), 0.0)
 
 
-def focal(losses, gamma):
+def focal(losses, gamma, valid=None):
     """v_i = (1 - exp(-loss_i)) ** gamma: emphasises queries the model still gets wrong.
 
-    losses [Q] float32 -> [Q] float32 in [0, 1].
+    losses [Q] float32, valid [Q] bool (None: all) -> [Q] float32 in [0, 1], 0 where not valid.
     """
-    return (-jnp.expm1(-losses)) ** gamma
+    valid = jnp.ones(losses.shape, bool) if valid is None else valid
+    return jnp.where(valid, (-jnp.expm1(-losses)) ** gamma, 0.0)
 
 
 QUERY_WEIGHTS: dict[str, Callable] = {"outlier_downweight": outlier_downweight, "focal": focal}
@@ -82,6 +91,7 @@ def contrastive_loss(
     config: LossConfig,
     shards: int = 1,
     gather=None,
+    valid=None,
 ):
     """The progressive global InfoNCE loss and its diagnostics.
 
@@ -96,6 +106,7 @@ def contrastive_loss(
         every shard, so no query rows move between devices to form a block.
       gather: optional function applied to the [P (+Q), D] candidate embeddings before scoring
         (the step passes a replicating sharding constraint, so they are all-gathered once).
+      valid: [Q] bool, false for padding queries (None: every query is real).
 
     Returns:
       (loss scalar float32, metrics dict of scalars).
@@ -105,22 +116,22 @@ def contrastive_loss(
     group = config.group_size
     if num_passages != num_queries * group:
         raise ValueError(f"{num_passages} passages for {num_queries} queries x group {group}")
+    if num_queries % shards:
+        raise ValueError(f"{num_queries} queries do not split over {shards} shards; pad the batch (pegjax.geometry)")
+    valid = jnp.ones((num_queries,), bool) if valid is None else valid.astype(bool)
     rows = num_queries // shards
-    block = min(config.query_block, rows)
-    if num_queries % shards or rows % block:
-        raise ValueError(
-            f"config.loss.query_block={config.query_block}: the {rows} query rows per shard "
-            f"({num_queries} queries / {shards} shards) must be a multiple of it"
-        )
-    blocks = rows // block
+    blocks = -(-rows // config.query_block)
+    block = -(-rows // blocks)  # equal blocks of at most query_block rows; the last rows pad them
     tau = config.temperature
 
     candidates, candidate_hashes = passages, passage_hashes
+    candidate_valid = jnp.repeat(valid, group)
     if config.query_negatives:
         candidates = jnp.concatenate([passages, queries], axis=0)
         candidate_hashes = jnp.concatenate([passage_hashes, jnp.zeros((num_queries,), passage_hashes.dtype)])
+        candidate_valid = jnp.concatenate([candidate_valid, valid])
     if gather is not None:
-        candidates = gather(candidates)
+        candidates, candidate_valid = gather(candidates), gather(candidate_valid)
     num_candidates = candidates.shape[0]
 
     query_index = jnp.arange(num_queries, dtype=jnp.int32)
@@ -129,11 +140,15 @@ def contrastive_loss(
 
     def to_blocks(x):
         # [Q, ...] -> [blocks, shards, block, ...]: step b takes rows b*block.. of every shard.
-        x = x.reshape(shards, blocks, block, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
+        x = x.reshape(shards, rows, *x.shape[1:])
+        x = jnp.pad(x, [(0, 0), (0, blocks * block - rows)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(shards, blocks, block, *x.shape[2:]), 0, 1)
+
+    def from_blocks(x):  # [blocks, shards, block] -> [Q], padding rows of the blocks dropped
+        return jnp.swapaxes(x, 0, 1).reshape(shards, blocks * block)[:, :rows].reshape(num_queries)
 
     def score_block(carry, inputs):
-        query, index, column, own_hash, more_hashes = inputs  # [S, b, ...]
+        query, index, column, own_hash, more_hashes, real = inputs  # [S, b, ...]
         scores = jnp.einsum("sbd,pd->sbp", query, candidates, preferred_element_type=jnp.float32) / tau
         columns = jnp.arange(num_candidates, dtype=jnp.int32)
         is_positive = columns == column[..., None]
@@ -142,7 +157,7 @@ def contrastive_loss(
             (candidate_hashes[None, None, :, None] == more_hashes[..., None, :])
             & (more_hashes[..., None, :] != 0)
         ).any(-1)
-        negative = ~is_positive & ~same_text & ~listed
+        negative = ~is_positive & ~same_text & ~listed & candidate_valid & real[..., None]
         if config.query_negatives:
             negative &= columns != (num_passages + index)[..., None]
         positive_score = jnp.take_along_axis(scores, column[..., None], axis=-1)[..., 0]
@@ -160,12 +175,13 @@ def contrastive_loss(
         )
         weighted = jnp.where(negative, scores + log_weight, -jnp.inf)
         total = jnp.logaddexp(positive_score, jax.nn.logsumexp(weighted, axis=-1))
-        loss = total - positive_score
+        loss = jnp.where(real, total - positive_score, 0.0)
         hardest = jnp.where(count > 0, jnp.where(negative, fixed, -jnp.inf).max(-1), 0.0)
+        others = jnp.maximum(candidate_valid.sum() - 1, 1)  # the real candidates besides the positive
         stats = (
             positive_score * tau,
             hardest * tau,
-            (num_candidates - 1 - count) / (num_candidates - 1),
+            (others - count) / others,
             (count > 0).astype(jnp.float32),
         )
         return carry, (loss, stats)
@@ -181,19 +197,22 @@ def contrastive_loss(
             to_blocks(positive_column),
             to_blocks(own_positive_hash),
             to_blocks(positive_hashes),
+            to_blocks(valid),
         ),
     )
-    from_blocks = lambda x: jnp.swapaxes(x, 0, 1).reshape(num_queries)  # noqa: E731
     losses = from_blocks(losses)
     positive_cos, hardest_cos, masked, has_negative = (from_blocks(s) for s in stats)
-    weights = lax.stop_gradient(QUERY_WEIGHTS[config.query_weight](lax.stop_gradient(losses), gamma))
+    weights = lax.stop_gradient(QUERY_WEIGHTS[config.query_weight](lax.stop_gradient(losses), gamma, valid))
     loss = (weights * losses).sum() / jnp.maximum(weights.sum(), 1e-12)
+    real = valid.astype(jnp.float32)
+    count = jnp.maximum(real.sum(), 1.0)
+    mean = lambda x: (x * real).sum() / count  # noqa: E731
     metrics = {
         "loss": loss,
-        "unweighted_loss": losses.mean(),
-        "positive_cosine": positive_cos.mean(),
-        "hardest_negative_cosine": (hardest_cos * has_negative).sum() / jnp.maximum(has_negative.sum(), 1.0),
-        "masked_fraction": masked.mean(),
-        "query_weight_min": weights.min(),
+        "unweighted_loss": mean(losses),
+        "positive_cosine": mean(positive_cos),
+        "hardest_negative_cosine": (hardest_cos * has_negative * real).sum() / jnp.maximum((has_negative * real).sum(), 1.0),
+        "masked_fraction": mean(masked),
+        "query_weight_min": jnp.where(valid, weights, jnp.inf).min(),
     }
     return loss, metrics

@@ -18,6 +18,7 @@ flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process 
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds before the other processes give up on a silent one.")
+flags.DEFINE_boolean("dry_run", False, "Print the run's geometry, lower the step without data or weights, and exit.")
 FLAGS = flags.FLAGS
 
 def main(argv):
@@ -31,7 +32,7 @@ def main(argv):
 
     distributed.use_cpu_cores()
     try:
-        train.check(FLAGS.config)  # a config that cannot run fails before any work
+        train.check(FLAGS.config, need_data=not FLAGS.dry_run)  # a config that cannot run fails before any work
     except train.ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
@@ -41,6 +42,23 @@ def main(argv):
         print(f"pegjax: process {jax.process_index()} of {jax.process_count()}; {jax.local_device_count()} local / "
               f"{jax.device_count()} global {jax.devices()[0].platform} devices; workdir {FLAGS.workdir}", flush=True)
     logging.info("config:\n%s", FLAGS.config)
+    try:
+        planned = train.plan(FLAGS.config, need_data=not FLAGS.dry_run)  # a run that cannot be laid out fails here
+    except train.ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    if jax.process_index() == 0:
+        from pegjax import geometry
+
+        print(geometry.table(planned), flush=True)
+    if FLAGS.dry_run:
+        import time
+
+        start = time.perf_counter()
+        lowered = train.dry_run(FLAGS.config, planned)
+        if jax.process_index() == 0:
+            print(f"dry run: lowered the step in {time.perf_counter() - start:.1f} s "
+                  f"({len(lowered.as_text()):,} characters of StableHLO); no data read, nothing written")
+        return
     report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in report.items() if k != "data"}, indent=2))

@@ -12,6 +12,9 @@ Batch (a dict of arrays, every leading dimension split over the mesh's data x fs
                                                         positive first (the loss's labels)
     passage_hashes                    [P] int32         text hash of each passage (0 = unknown)
     positive_hashes                   [Q, M] int32      hashes of other known positives (0 = none)
+    query_valid                       [Q] int32         0 for the padding rows that make Q split
+                                                        over the shards (no tokens, invisible to
+                                                        the loss, `pegjax.loss`)
 
 (`pegjax.data.packing` builds the rows; one text a row is the case of one slot.) Because query
 i's G passages are contiguous, splitting Q and P into the same number of shards keeps every query
@@ -41,12 +44,13 @@ from pegjax.loss import LossConfig, contrastive_loss
 from pegjax.models.bert import EmbeddingModel
 
 BATCH_KEYS = ("query_tokens", "query_segments", "query_slots", "passage_tokens", "passage_segments", "passage_slots",
-              "passage_hashes", "positive_hashes")
+              "passage_hashes", "positive_hashes", "query_valid")
 
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # [] int32
+    step: jax.Array  # [] int32: batches consumed
+    updates: jax.Array  # [] int32: updates applied (a non-finite step applies none); the schedules' clock
     params: Any
     opt_state: Any
     rng: jax.Array  # [2] uint32 key data (dropout)
@@ -80,7 +84,8 @@ def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots
                      mesh=None, rng=None):
     """Embeds the texts packed in [S*R, L] int32 rows -> [N, D] float32, one row per text slot.
 
-    ``text_slots`` [N] int32 says where each text is in its shard's R * ``slots`` pooled rows. Rows
+    ``text_slots`` [N] int32 says where each text is in its shard's R * ``slots`` pooled rows (R *
+    ``slots`` itself: no text, a zero vector). Rows
     are encoded ``chunk`` rows per batch shard at a time (R = chunks * chunk, chunk <= max_chunk,
     `pegjax.data.packing.chunked_rows`); each chunk's forward pass is recomputed in the backward
     pass (nothing but the embeddings is kept), so activation memory is one chunk's whatever N is.
@@ -123,6 +128,7 @@ def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots
     _, pooled = lax.scan(body, None, (to_chunks(tokens), to_chunks(segments), jnp.arange(chunks)))
     dim = pooled.shape[-1]  # pooled [chunks, S*chunk, slots, D] -> [S, R*slots, D], then each text's row
     pooled = jnp.swapaxes(pooled.reshape(chunks, shards, chunk, slots, dim), 0, 1).reshape(shards, rows * slots, dim)
+    pooled = jnp.pad(pooled, ((0, 0), (0, 1), (0, 0)))  # slot R * slots: the zero vector of a padding text
     local = text_slots.reshape(shards, count // shards, 1)
     return jnp.take_along_axis(pooled, local, axis=1).reshape(count, dim)
 
@@ -155,6 +161,7 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
         config.loss,
         shards=shards,
         gather=gather,
+        valid=batch["query_valid"] > 0,
     )
     real = sum((batch[k] > 0).sum() for k in ("query_segments", "passage_segments"))
     positions = batch["query_segments"].size + batch["passage_segments"].size
@@ -163,9 +170,13 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
 
 
 def train_step(state: TrainState, batch, *, config: StepConfig, tx, beta_schedule, gamma_schedule, learning_rate, mesh=None):
-    """One optimizer step on one global batch -> (new state, metrics of scalars)."""
-    beta = jnp.asarray(beta_schedule(state.step), jnp.float32)
-    gamma = jnp.asarray(gamma_schedule(state.step), jnp.float32)
+    """One optimizer step on one global batch -> (new state, metrics of scalars).
+
+    The learning rate, beta and gamma follow the count of applied updates, as the optimizer's own
+    count does: a skipped non-finite step moves neither.
+    """
+    beta = jnp.asarray(beta_schedule(state.updates), jnp.float32)
+    gamma = jnp.asarray(gamma_schedule(state.updates), jnp.float32)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if config.dropout else None
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, batch, beta, gamma, rng, config, mesh)
@@ -180,11 +191,12 @@ def train_step(state: TrainState, batch, *, config: StepConfig, tx, beta_schedul
         metrics,
         beta=beta,
         gamma=gamma,
-        learning_rate=jnp.asarray(learning_rate(state.step), jnp.float32),
+        learning_rate=jnp.asarray(learning_rate(state.updates), jnp.float32),
         grad_norm=grad_norm,
         nonfinite=1.0 - finite.astype(jnp.float32),
     )
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+    return TrainState(step=state.step + 1, updates=state.updates + finite.astype(jnp.int32), params=params,
+                      opt_state=opt_state, rng=state.rng), metrics
 
 
 def abstract_params(model: EmbeddingModel):
@@ -200,12 +212,14 @@ def state_layout(model: EmbeddingModel, tx, mesh):
     replicated = sharding.replicated(mesh)
     shardings = TrainState(
         step=replicated,
+        updates=replicated,
         params=param_sharding,
         opt_state=sharding.state_shardings(tx, param_sharding, abstract_opt, mesh),
         rng=replicated,
     )
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
+        updates=jax.ShapeDtypeStruct((), jnp.int32),
         params=nn.unbox(boxed),
         opt_state=abstract_opt,
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
@@ -227,6 +241,7 @@ def create_state(model: EmbeddingModel, tx, mesh, seed: int, params=None):
         params = jax.device_put(params, shardings.params)
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+        updates=jax.device_put(jnp.zeros((), jnp.int32), shardings.updates),
         params=params,
         opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
         rng=jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), shardings.rng),
@@ -275,6 +290,7 @@ def abstract_batch(mesh, queries: RowGeometry, passages: RowGeometry, group: int
         "passage_slots": (shards * passages.texts,),
         "passage_hashes": (shards * passages.texts,),
         "positive_hashes": (shards * queries.texts, extra_positives),
+        "query_valid": (shards * queries.texts,),
     }
     if passages.texts != queries.texts * group:
         raise ValueError(f"{passages.texts} passages per shard for {queries.texts} queries x group {group}")

@@ -18,20 +18,19 @@ import time
 
 import jax
 
-from pegjax import distributed, evaluate, mine, schedules, sharding
+from pegjax import distributed, evaluate, geometry, mine, schedules, sharding
 from pegjax.checkpoint import Checkpoints
 from pegjax.data import training
 from pegjax.data.tokenizer import load_tokenizer
 from pegjax.encode import Encoder
+from pegjax.errors import ConfigError
 from pegjax.loss import LossConfig
 from pegjax.metric_log import MetricLog
 from pegjax.models import hf
 from pegjax.models.bert import BertConfig, EmbeddingModel
-from pegjax.step import BATCH_KEYS, StepConfig, batch_shardings, create_state, jit_train_step, make_optimizer, state_layout
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and what to set."""
+from pegjax.data.packing import RowGeometry, chunked_rows
+from pegjax.step import (BATCH_KEYS, StepConfig, abstract_batch, batch_shardings, create_state, jit_train_step,
+                         make_optimizer, state_layout)
 
 
 def model_path(path: str) -> str:
@@ -45,9 +44,9 @@ def model_path(path: str) -> str:
     return path
 
 
-def check(config) -> None:
-    """Fails before any work on a config that cannot run."""
-    if not config.data.train_files and not config.data.get("mine_from"):
+def check(config, need_data: bool = True) -> None:
+    """Fails before any work on a config that cannot run (see also `plan`)."""
+    if need_data and not config.data.train_files and not config.data.get("mine_from"):
         raise ConfigError("config.data.train_files is empty: set it to your FlagEmbedding JSONL, e.g. "
                           "--config.data.train_files=/path/train.jsonl")
     if not config.model.path and not config.model.random_init.vocab_file:
@@ -58,6 +57,32 @@ def check(config) -> None:
             raise ConfigError(f"config.data.train_files: {path} does not exist")
     if config.train.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}: use 'stop' or 'skip'")
+
+
+def architecture(config) -> BertConfig:
+    """The model's architecture from ``config.json`` or ``config.model.random_init``; reads no weights."""
+    if config.model.path:
+        try:
+            return hf.read_config(model_path(config.model.path))
+        except hf.CheckpointError as err:
+            raise ConfigError(f"config.model.path: {err}") from None
+    init = config.model.random_init
+    if not os.path.isfile(init.vocab_file):
+        raise ConfigError(f"config.model.random_init.vocab_file: {init.vocab_file} does not exist")
+    with open(init.vocab_file, encoding="utf-8") as f:
+        vocab_size = sum(1 for _ in f)
+    return BertConfig(vocab_size=vocab_size, hidden_size=init.hidden_size, num_hidden_layers=init.num_hidden_layers,
+                      num_attention_heads=init.num_attention_heads, intermediate_size=init.intermediate_size)
+
+
+def plan(config, need_data: bool = True) -> geometry.Geometry:
+    """The run's geometry on this job's devices (`pegjax.geometry`); fails, naming the key, when it
+    cannot be laid out or (where the device reports its memory) does not fit."""
+    check(config, need_data)
+    planned = geometry.plan(config, jax.device_count(), jax.process_count(), architecture(config))
+    available = config.train.device_memory_gib * geometry.GIB or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    geometry.check_memory(planned, int(available) if available else None)
+    return planned
 
 
 def build_model(config):
@@ -126,11 +151,37 @@ class _Preemption:
         self.requested = True
 
 
+def loss_config_of(config) -> LossConfig:
+    return LossConfig(
+        group_size=1 + config.data.hard_negatives, temperature=config.loss.temperature,
+        query_block=config.loss.query_block, query_negatives=config.loss.query_negatives,
+        margin=config.loss.margin if config.loss.margin >= 0 else None, query_weight=config.progressive.query_weight,
+    )
+
+
+def dry_run(config, planned: geometry.Geometry):
+    """Lowers the step of ``config`` on this job's mesh without data or weights (one text a row,
+    the layout that needs the most rows) -> the ``jax.stages.Lowered`` step."""
+    model = EmbeddingModel(architecture(config), pooling=config.model.pooling, normalize=config.model.normalize,
+                           dtype=config.model.dtype)
+    mesh = sharding.make_mesh(config.mesh)
+    tx, knobs = optimizer_and_schedules(config)
+    abstract, state_sharding = state_layout(model, tx, mesh)
+    rows = {kind: RowGeometry(texts, chunked_rows(texts, config.train.encode_chunk)[0], length, 1, config.train.encode_chunk)
+            for kind, texts, length in (("query", planned.queries_per_shard, config.data.query_length),
+                                        ("passage", planned.passages_per_shard, config.data.passage_length))}
+    step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout)
+    batch = abstract_batch(mesh, rows["query"], rows["passage"], planned.group, max(config.data.max_extra_positives, 1))
+    return jit_train_step(step_config, tx, knobs, mesh, state_sharding).lower(abstract, batch)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-    check(config)
+    planned = plan(config)
     workdir = os.path.abspath(workdir)  # Orbax writes only to absolute paths
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
+    if lead:
+        logging.info("geometry of the run:\n%s", geometry.table(planned))
     mesh = sharding.make_mesh(config.mesh)
     model, params, tokenizer = build_model(config)
     max_length = config.data.passage_length
@@ -148,7 +199,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("training data: %d records from %d lines; skipped: %s", stats["records"], stats["lines"], stats["skipped"] or "none")
     if stats["skipped"]:
         print(f"skipped {sum(stats['skipped'].values())} bad line(s): {stats['skipped']}")
-    dataset = training.pipeline(record_path, tokenizer, config, config.seed, jax.process_index(), jax.process_count())
+    dataset = training.pipeline(record_path, tokenizer, config, config.seed, jax.process_index(), jax.process_count(),
+                                global_rows=planned.padded_queries)
     iterator = iter(dataset)
 
     steps = config.train.steps
@@ -164,16 +216,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("resumed from %s at step %d", workdir, start)
     start = int(start or 0)
 
-    loss_config = LossConfig(
-        group_size=1 + config.data.hard_negatives, temperature=config.loss.temperature,
-        query_block=config.loss.query_block, query_negatives=config.loss.query_negatives,
-        margin=config.loss.margin if config.loss.margin >= 0 else None, query_weight=config.progressive.query_weight,
-    )
     shards = sharding.batch_shards(mesh)
-    geometries = training.row_geometries(record_path, tokenizer, config, shards)
-    for kind, geometry in geometries.items():
-        logging.info("%s rows per batch shard: %s", kind, geometry)
-    step_config = StepConfig(model, loss_config, encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,
+    geometries = training.row_geometries(record_path, tokenizer, config, planned.queries_per_shard)
+    for kind, rows in geometries.items():
+        logging.info("%s rows per batch shard: %s", kind, rows)
+    step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,
                              query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots)
     step_fn = jit_train_step(step_config, tx, knobs, mesh, state_sharding)
     shardings = batch_shardings(mesh)

@@ -102,8 +102,18 @@ def test_beta_moves_weight_to_hard_negatives_and_gamma_downweights_outliers():
     assert float(focal(losses, 2.0)[3]) > float(focal(losses, 2.0)[0])
 
 
-def test_bad_block_size_names_the_config_key():
-    config = LossConfig(group_size=2, query_block=3)
-    with pytest.raises(ValueError, match="config.loss.query_block=3"):
-        contrastive_loss(np.zeros((8, 4)), np.zeros((16, 4)), np.zeros(16, np.int32),
-                         np.zeros((8, 1), np.int32), 0.0, 0.0, config, shards=2)
+def test_a_block_that_does_not_divide_the_rows_is_padded_not_an_error():
+    """5 query rows per shard in blocks of at most 3: two blocks of 3, one row of padding; the
+    loss and gradient are those of one query a block."""
+    rng = np.random.default_rng(3)
+    queries, passages = random_embeddings(rng, 10), random_embeddings(rng, 20)
+    hashes = rng.integers(1, 1000, size=20).astype(np.int32)
+
+    def loss(block, q, p):
+        config = LossConfig(group_size=2, query_block=block)
+        return contrastive_loss(q, p, hashes, np.zeros((10, 1), np.int32), 2.0, 1.0, config, shards=2)[0]
+
+    want, want_grad = jax.value_and_grad(lambda q: loss(1, q, passages))(queries)
+    got, got_grad = jax.value_and_grad(lambda q: loss(3, q, passages))(queries)
+    assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want))
+    np.testing.assert_allclose(got_grad, want_grad, atol=1e-6)

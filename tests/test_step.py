@@ -237,3 +237,40 @@ def test_train_step_learns_and_reports_metrics():
     assert losses[-1] < losses[0]
     kernel = state.params["layers"]["attention"]["query"]["kernel"]  # [layers, embed, heads, kv]
     assert kernel.sharding.shard_shape(kernel.shape)[1] == TINY.hidden_size // 4
+
+
+def pad_queries(texts, rows):
+    """Appends padding queries (no tokens, query_valid 0, no passages) up to ``rows`` queries."""
+    real = len(texts["query_ids"])
+    group = len(texts["passage_ids"]) // real
+    extra = rows - real
+    zeros = lambda a, n: np.concatenate([a, np.zeros((n, *a.shape[1:]), a.dtype)])  # noqa: E731
+    padded = {k: zeros(texts[k], extra) for k in ("query_ids", "query_mask", "positive_hashes")}
+    padded.update({k: zeros(texts[k], extra * group) for k in ("passage_ids", "passage_mask", "passage_hashes")})
+    padded["query_valid"] = np.array([1] * real + [0] * extra, np.int32)
+    return padded
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "one_per_row"])
+def test_padding_rows_are_invisible_to_loss_and_gradient(model_and_params, packed):
+    """13 queries x 6 passages on 8 devices: padded to 16 rows (2 a device), the 3 padding queries
+    and their 18 passages change neither the loss nor the gradient of the 13 real ones, computed
+    densely on one device (beta, gamma > 0; false negatives present)."""
+    model, params = model_and_params
+    texts = make_batch(2, num_queries=13, group=6)
+    loss_config = LossConfig(group_size=6, temperature=0.05, query_block=2)
+    want_loss, want_grad = reference_grad(model, params, texts, loss_config)
+
+    mesh = sharding.make_mesh({"data": 8})
+    batch, slots = as_step_batch(pad_queries(texts, 16), 8, packed, max_chunk=4)
+    assert batch["query_valid"].tolist() == [1] * 13 + [0] * 3
+    config = StepConfig(model=model, loss=loss_config, dropout=False, **slots)
+    param_sharding = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), mesh)
+    grad_fn = jax.jit(
+        jax.value_and_grad(lambda p, b: loss_and_metrics(p, b, BETA, GAMMA, None, config, mesh), has_aux=True),
+        in_shardings=(param_sharding, batch_shardings(mesh)),
+    )
+    (loss, metrics), grad = grad_fn(jax.device_put(params, param_sharding), batch)
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    assert gradient_error(grad, want_grad) <= 1e-5
+    assert float(metrics["real_tokens"]) == texts["query_mask"].sum() + texts["passage_mask"].sum()

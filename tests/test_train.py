@@ -233,6 +233,10 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(shared_data, train_f
         assert done.returncode == 0, done.stderr[-3000:]
         lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
         assert sum(line["skipped_updates"] for line in lines) > 0
+        # The schedules follow the updates actually applied: the first overflowed the weights, every
+        # later one was skipped, so the learning rate (decaying over the 6 steps) stays where it was.
+        rates = [line["learning_rate"] for line in lines]
+        assert len(rates) == 3 and rates[0] == rates[1] == rates[2] > 0
 
 
 def test_export_from_checkpoint_equals_the_runs_own_export(uninterrupted, tmp_path):

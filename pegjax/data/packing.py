@@ -82,17 +82,22 @@ def pack(ids: np.ndarray, mask: np.ndarray, geometry: RowGeometry, pad_id: int =
     """Texts of one shard, padded one a row -> packed rows.
 
     ids, mask: [N, L] int32 (L <= geometry.length; real tokens first). Returns (tokens [rows,
-    length] int32, segments [rows, length] int32, slots [N] int32). Raises DoesNotFit.
+    length] int32, segments [rows, length] int32, slots [N] int32). A text with no tokens (a
+    padding row of the batch) takes no place: its slot is ``rows * slots``, which the encoder maps to
+    a zero vector. Raises DoesNotFit.
     """
     lengths = mask.sum(axis=1).astype(np.int64)
-    row, offset, segment = assign(lengths, geometry.rows, geometry.length, geometry.slots)
+    present = np.flatnonzero(lengths)
+    row, offset, segment = assign(lengths[present], geometry.rows, geometry.length, geometry.slots)
     tokens = np.full((geometry.rows, geometry.length), pad_id, np.int32)
     segments = np.zeros((geometry.rows, geometry.length), np.int32)
-    for i in range(len(lengths)):
-        start, end = offset[i], offset[i] + lengths[i]
-        tokens[row[i], start:end] = ids[i, : lengths[i]]
-        segments[row[i], start:end] = segment[i]
-    return tokens, segments, (row * geometry.slots + segment - 1).astype(np.int32)
+    slots = np.full(len(lengths), geometry.rows * geometry.slots, np.int32)
+    for j, i in enumerate(present):
+        start, end = offset[j], offset[j] + lengths[i]
+        tokens[row[j], start:end] = ids[i, : lengths[i]]
+        segments[row[j], start:end] = segment[j]
+        slots[i] = row[j] * geometry.slots + segment[j] - 1
+    return tokens, segments, slots
 
 
 def pack_shards(ids: np.ndarray, mask: np.ndarray, shards: int, geometry: RowGeometry, pad_id: int = 0):
@@ -104,7 +109,8 @@ def pack_shards(ids: np.ndarray, mask: np.ndarray, shards: int, geometry: RowGeo
 
 
 def rows_needed(lengths: np.ndarray, length: int, slots: int) -> int:
-    """The rows first-fit decreasing uses for these lengths."""
+    """The rows first-fit decreasing uses for these lengths (texts of length 0 take none)."""
+    lengths = np.asarray(lengths)[np.asarray(lengths) > 0]
     return int(assign(lengths, len(lengths), length, slots)[0].max()) + 1 if len(lengths) else 0
 
 
@@ -133,7 +139,7 @@ def fitted_geometry(mask: np.ndarray, shards: int, max_chunk: int, max_slots: in
     lengths = mask.sum(axis=1)
     per = len(lengths) // shards
     length = mask.shape[1]
-    slots = max(1, min(max_slots, length // max(int(lengths.min()), 1)))
+    slots = max(1, min(max_slots, length // max(int(lengths[lengths > 0].min()), 1)))
     rows = max(rows_needed(lengths[s * per:(s + 1) * per], length, slots) for s in range(shards))
     return RowGeometry(per, chunked_rows(rows, max_chunk)[0], length, slots, max_chunk)
 
@@ -142,8 +148,9 @@ def step_batch(texts: dict, shards: int, queries: RowGeometry, passages: RowGeom
     """One text a row -> the step's packed batch (`pegjax.step`).
 
     texts: query_ids / query_mask [Q, Lq], passage_ids / passage_mask [P, Lp] int32 (P = Q * G,
-    query i's passages contiguous), passage_hashes [P], positive_hashes [Q, M]; the rows of
-    ``shards`` batch shards in order. Raises DoesNotFit when a shard's texts need more rows.
+    query i's passages contiguous), passage_hashes [P], positive_hashes [Q, M], optionally
+    query_valid [Q] (0: a padding query, no tokens); the rows of ``shards`` batch shards in order.
+    Raises DoesNotFit when a shard's texts need more rows.
     """
     query_tokens, query_segments, query_slots = pack_shards(texts["query_ids"], texts["query_mask"], shards, queries, pad_id)
     passage_tokens, passage_segments, passage_slots = pack_shards(
@@ -153,4 +160,5 @@ def step_batch(texts: dict, shards: int, queries: RowGeometry, passages: RowGeom
         "passage_tokens": passage_tokens, "passage_segments": passage_segments, "passage_slots": passage_slots,
         "passage_hashes": np.asarray(texts["passage_hashes"], np.int32).reshape(-1),
         "positive_hashes": np.asarray(texts["positive_hashes"], np.int32),
+        "query_valid": np.asarray(texts.get("query_valid", np.ones(len(texts["query_ids"]))), np.int32),
     }

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -173,18 +174,41 @@ class ExampleMaker:
             "passage_hashes": np.array([text_hash(p) for p in passages], np.int32),
             "positive_hashes": np.array((extra + [0] * self.extra)[: self.extra] or [0], np.int32),
             "filled_negatives": np.int32(filled),
+            "query_valid": np.int32(1),
+        }
+
+    def padding(self) -> dict:
+        """A padding row: no tokens, no hashes, not valid (invisible to the loss)."""
+        group = 1 + self.hard
+        return {
+            "query_ids": np.zeros(self.query_length, np.int32),
+            "query_mask": np.zeros(self.query_length, np.int32),
+            "passage_ids": np.zeros((group, self.passage_length), np.int32),
+            "passage_mask": np.zeros((group, self.passage_length), np.int32),
+            "passage_hashes": np.zeros(group, np.int32),
+            "positive_hashes": np.zeros(max(self.extra, 1), np.int32),
+            "filled_negatives": np.int32(0),
+            "query_valid": np.int32(0),
         }
 
 
-def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int = 0, process_count: int = 1):
+def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int = 0, process_count: int = 1,
+             global_rows: int | None = None):
     """A grain IterDataset of host-local batches (dict of numpy arrays, leading dim = this
-    process's queries per step); its iterator state is checkpointable."""
+    process's rows per step); its iterator state is checkpointable.
+
+    ``global_rows`` (default: the queries per step) is the global batch's row count, at least
+    ``config.train.queries_per_step`` real queries: the rows beyond them are padding
+    (``query_valid`` 0), so that the batch splits over every device (`pegjax.geometry`).
+    """
     import grain
 
     data = config.data
     queries = config.train.queries_per_step
-    if queries % process_count:
-        raise ValueError(f"config.train.queries_per_step={queries} does not split over {process_count} processes")
+    global_rows = global_rows or queries
+    if global_rows % process_count or global_rows < queries:
+        raise ValueError(f"{global_rows} rows per step (config.train.queries_per_step={queries}, padded) do not split "
+                         f"over {process_count} processes")
     source = grain.sources.ArrayRecordDataSource([record_path])
     maker = ExampleMaker(tokenizer, source, data.hard_negatives, data.query_length, data.passage_length,
                          data.max_extra_positives, data.too_few_negatives, data.query_prefix)
@@ -195,12 +219,19 @@ def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int 
         .repeat()  # a fresh order every epoch
         .random_map(maker)  # each element's randomness follows from its index in the stream
     )
-    # Process p builds rows [p*b, (p+1)*b) of every global batch of ``queries`` rows, b its share:
-    # the global batch is the same, row for row, whatever the process count.
-    share = queries // process_count
-    local = grain.MapDataset.range(len(stream) // process_count).map(
-        lambda j: stream[(j // share) * queries + process_index * share + j % share]
-    )
+    # Process p builds rows [p*b, (p+1)*b) of every global batch of ``global_rows`` rows, b its
+    # share; rows past the real queries are padding. The global batch is the same, row for row,
+    # whatever the process count.
+    share = global_rows // process_count
+    padding = maker.padding()
+
+    def row(j):
+        step, index = divmod(j, share)
+        index += process_index * share
+        return stream[step * queries + index] if index < queries else padding
+
+    steps = min(len(stream) // queries, sys.maxsize // share)  # the stream repeats: practically endless
+    local = grain.MapDataset.range(steps * share).map(row)
     iterable = local.to_iter_dataset().batch(share, drop_remainder=True)
     if data.workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
@@ -225,10 +256,9 @@ def sample_lengths(record_path: str, tokenizer, config, count: int = 2048, seed:
     return np.asarray(query_lengths), np.asarray(passage_lengths)
 
 
-def row_geometries(record_path: str, tokenizer, config, shards: int) -> dict[str, RowGeometry]:
-    """{"query": ..., "passage": ...}: rows per batch shard for this data (`pegjax.data.packing`),
-    or one text a row with ``config.data.packing=False``."""
-    queries = config.train.queries_per_step // shards
+def row_geometries(record_path: str, tokenizer, config, queries: int) -> dict[str, RowGeometry]:
+    """{"query": ..., "passage": ...}: rows per batch shard for ``queries`` queries a shard of this
+    data (`pegjax.data.packing`), or one text a row with ``config.data.packing=False``."""
     texts = {"query": queries, "passage": queries * (1 + config.data.hard_negatives)}
     lengths = {"query": config.data.query_length, "passage": config.data.passage_length}
     chunk = config.train.encode_chunk
@@ -257,7 +287,8 @@ def pack_for_step(texts: dict, shards: int, geometries: dict[str, RowGeometry], 
             layout[kind] = pack_shards(texts[f"{kind}_ids"], texts[f"{kind}_mask"], shards, geometry.one_per_row(), pad_id)
     batch = {f"{kind}_{name}": array for kind, arrays in layout.items()
              for name, array in zip(("tokens", "segments", "slots"), arrays)}
-    batch.update(passage_hashes=texts["passage_hashes"], positive_hashes=texts["positive_hashes"])
+    batch.update(passage_hashes=texts["passage_hashes"], positive_hashes=texts["positive_hashes"],
+                 query_valid=texts["query_valid"])
     return batch, spilled
 
 

@@ -1,0 +1,112 @@
+"""The paper recipe runs as shipped on any device and process count: `configs/peg.py:paper` with
+only the model shrunk trains a real step of 13,334 queries x 6 passages on 8 and on 6 devices and on
+2 processes x 3 devices, and the launchers' defaults dry-run at their own device counts."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shrunk(shared_data, *extra):
+    """The paper recipe, the model shrunk to 1 layer x 32 wide and the lengths to 16 / 24."""
+    return ["--config=configs/peg.py:paper",
+            f"--config.model.random_init.vocab_file={shared_data / 'vocab' / 'bert-base-chinese-vocab.txt'}",
+            "--config.model.random_init.hidden_size=32", "--config.model.random_init.num_hidden_layers=1",
+            "--config.model.random_init.num_attention_heads=2", "--config.model.random_init.intermediate_size=64",
+            "--config.data.query_length=16", "--config.data.passage_length=24", *extra]
+
+
+def run(args, devices, **env):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1", **env)
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def first_step(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return json.loads(f.readline())
+
+
+@pytest.fixture(scope="module")
+def one_step_runs(shared_data, tmp_path_factory):
+    """One real step of the recipe on 8 devices, on 6, and on 2 processes x 3 devices."""
+    data = shared_data / "stsb_zh_triples" / "bge_finetune_data.jsonl"
+    common = shrunk(shared_data, f"--config.data.train_files={data}", "--config.train.steps=1",
+                    "--config.train.export=false")
+    workdirs = {}
+    for devices in (8, 6):
+        workdirs[devices] = tmp_path_factory.mktemp(f"paper{devices}")
+        out = run([sys.executable, "-m", "pegjax.main", f"--workdir={workdirs[devices]}", *common], devices)
+        assert f"13,334 real + {-13334 % devices} padding" in out.stdout
+    workdirs["2x3"] = tmp_path_factory.mktemp("paper2x3")
+    run(["bash", "launch/local.sh", f"--workdir={workdirs['2x3']}", *common], 3, NUM_PROCESSES="2",
+        DEVICES_PER_PROCESS="3", PYTHON=sys.executable)
+    return {name: first_step(workdir) for name, workdir in workdirs.items()}
+
+
+def test_the_recipe_trains_its_own_batch_on_8_6_and_2x3_devices(one_step_runs):
+    steps = one_step_runs
+    for metrics in steps.values():
+        assert metrics["step"] == 1 and metrics["nonfinite"] == 0 and 0 < metrics["loss"] < 20
+    # The same 13,334 real queries and their 80,004 passages, token for token, whatever the mesh:
+    # the padding rows carry no tokens.
+    assert steps[8]["real_tokens"] == steps[6]["real_tokens"] == steps["2x3"]["real_tokens"]
+    # 2 processes x 3 devices is the 6-device mesh: the same step, dropout masks included.
+    assert abs(steps["2x3"]["loss"] - steps[6]["loss"]) <= 1e-5 * steps[6]["loss"]
+    assert abs(steps["2x3"]["grad_norm"] - steps[6]["grad_norm"]) <= 1e-4 * steps[6]["grad_norm"]
+
+
+def launcher_defaults():
+    """(launcher, config, devices) as each launcher's defaults give them."""
+    slurm = open(os.path.join(REPO, "launch", "slurm_gpu.sbatch")).read()
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", slurm).group(1))
+    per_node = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", slurm).group(1))
+    slurm_config = re.search(r"CONFIG=\$\{CONFIG:-([^}]+)\}", slurm).group(1)
+    tpu = open(os.path.join(REPO, "launch", "tpu_pod.sh")).read()
+    accelerator = re.search(r"ACCELERATOR=\$\{ACCELERATOR:-([^}]+)\}", tpu).group(1)
+    generation, cores = accelerator.split("-")
+    # v4 and v5p count TensorCores, two per chip, and JAX sees one device per chip; v5e counts chips.
+    tpu_devices = int(cores) // 2 if generation in ("v4", "v5p") else int(cores)
+    tpu_config = re.search(r"CONFIG=\$\{CONFIG:-([^}]+)\}", tpu).group(1)
+    return [("slurm_gpu.sbatch", slurm_config, nodes * per_node), ("tpu_pod.sh", tpu_config, tpu_devices)]
+
+
+@pytest.mark.parametrize("launcher, config, devices", launcher_defaults(), ids=lambda x: str(x))
+def test_launcher_defaults_dry_run_at_their_device_counts(shared_data, tmp_path, launcher, config, devices):
+    """BERT-base (random init, bert-base-chinese's 21,128-row vocabulary) in the launcher's
+    default recipe on its default device count: the geometry table prints and the step lowers."""
+    args = [sys.executable, "-m", "pegjax.main", f"--config={config}", f"--workdir={tmp_path / 'run'}", "--dry_run",
+            f"--config.model.random_init.vocab_file={shared_data / 'vocab' / 'bert-base-chinese-vocab.txt'}"]
+    out = run(args, devices).stdout
+    assert f"devices / processes  {devices} / 1" in out
+    assert "13,334 real" in out and "memory per device" in out
+    assert "dry run: lowered the step" in out
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.train.queries_per_step=4"], r"config.train.queries_per_step=4 is smaller than the 8 batch shards .* use at least 8"),
+    (["--config.train.encode_chunk=0"], r"config.train.encode_chunk=0: use a positive number"),
+    # BERT-base at 256 tokens, 256 rows a chunk, on 16 GiB devices.
+    (["--config.model.random_init.hidden_size=768", "--config.model.random_init.num_hidden_layers=12",
+      "--config.model.random_init.num_attention_heads=12", "--config.model.random_init.intermediate_size=3072",
+      "--config.data.passage_length=256", "--config.train.encode_chunk=256", "--config.train.device_memory_gib=16"],
+     r"config.train.encode_chunk=256: a device needs ~\d+\.\d GiB \(estimate\), more than its 16.0 GiB; "
+     r"config.train.encode_chunk=\d+ needs"),
+], ids=["queries", "chunk", "memory"])
+def test_configs_that_cannot_be_laid_out_fail_before_any_work(shared_data, tmp_path, overrides, message):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    done = subprocess.run([sys.executable, "-m", "pegjax.main", f"--workdir={tmp_path / 'run'}", *shrunk(shared_data),
+                           f"--config.data.train_files={shared_data / 'stsb_zh_triples' / 'bge_finetune_data.jsonl'}",
+                           *overrides], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(message, errors[0]), done.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run")
