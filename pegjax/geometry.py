@@ -99,20 +99,24 @@ class Geometry:
         return 4 * 4 * self.shards * self.query_block * self.candidates
 
     def activation_bytes(self, chunk_rows: int, length: int) -> int:
-        """One chunk's activations kept for the backward pass of its recomputation (all layers)."""
-        m, b = self.model, self.dtype_bytes
-        heads = m.num_attention_heads // self.mesh["tensor"]
-        tokens = chunk_rows * length
-        per_layer = tokens * (m.hidden_size * (6 * b + 8) + 2 * m.intermediate_size * b // self.mesh["tensor"])
-        per_layer += chunk_rows * heads * length * length * 8
-        return m.num_hidden_layers * per_layer
+        """One chunk's activations held for the backward pass of its recomputation (all layers):
+        per token and layer ~E(12b + 16) + M(4b + 8) bytes for the hidden and MLP arrays and 16 bytes
+        per attention score (b the compute dtype's bytes), fitted to XLA's own plan of the
+        BERT-base paper step (bench/memory.py)."""
+        m, b, tensor = self.model, self.dtype_bytes, self.mesh["tensor"]
+        per_token = (m.hidden_size * (12 * b + 16) + m.intermediate_size * (4 * b + 8) // tensor
+                     + m.num_attention_heads * length * 16 // tensor)
+        return m.num_hidden_layers * chunk_rows * length * per_token
 
     @property
     def peak_bytes(self) -> int:
+        """The state share, plus the larger of the encoding phase (gathered weights and one chunk's
+        activations) and the scoring phase (gathered embeddings and one block's scores)."""
         passages = self.activation_bytes(self.chunk(self.passages_per_shard)[1], self.passage_length)
         queries = self.activation_bytes(self.chunk(self.queries_per_shard)[1], self.query_length)
-        return (self.state_share_bytes + self.gathered_weights_bytes + self.gather_bytes + self.score_bytes
-                + max(passages, queries))
+        encoding = self.gathered_weights_bytes + max(passages, queries)
+        scoring = self.gather_bytes + self.score_bytes
+        return self.state_share_bytes + max(encoding, scoring)
 
 
 def plan(config, devices: int, processes: int, model: BertConfig) -> Geometry:
@@ -182,7 +186,8 @@ def table(geometry: Geometry) -> str:
                             if g.blocks * g.query_block != g.queries_per_shard else "")),
         ("encode chunks", f"queries {q_chunks} x {q_chunk} rows, passages {p_chunks} x {p_chunk} rows per device "
                           "(at most; packing needs fewer)"),
-        ("FSDP share", f"{g.state_share_bytes / GIB:.3f} GiB params + AdamW of {4 * g.parameters / GIB:.3f} GiB params"),
+        ("FSDP share", f"{g.state_share_bytes / GIB:.3f} GiB per device: params + AdamW moments of "
+                       f"{4 * g.parameters / GIB:.3f} GiB float32 params, split {g.mesh['fsdp'] * g.mesh['tensor']} ways"),
         ("embedding gather", f"{g.candidates:,} x {g.model.hidden_size} float32 = {4 * g.candidates * g.model.hidden_size / 2**20:,.0f} MiB"),
         ("scores of a block", f"{g.shards * g.query_block:,} x {g.candidates:,} float32 = "
                               f"{4 * g.shards * g.query_block * g.candidates / 2**20:,.0f} MiB"),
