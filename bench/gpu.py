@@ -1,20 +1,28 @@
-"""The global step on one CUDA GPU: correctness against the CPU, then step time and MFU.
+"""The global step on one CUDA GPU: correctness against the CPU, the fused attention, then step
+time, memory, compile time and MFU of the recipe.
 
     bash bench/gpu.sh            # = python -m bench.gpu, on a machine with one CUDA GPU
 
-1. Correctness: a tiny BERT, one small batch with false negatives, beta = gamma > 0; loss and
-   gradient of the chunked, remat-ed step on the GPU (float32, highest matmul precision) against the
-   same computation on the CPU backend in the same process (the CPU path is the one tests/ check
-   against the plain full-batch gradient). Prints the relative errors.
+1. Correctness: a tiny BERT, one small batch of ragged texts packed several to a row, with
+   false negatives and padding queries, beta = gamma > 0; loss and gradient of the chunked,
+   remat-ed step on the GPU (float32, highest matmul precision) against the same computation on
+   the CPU backend in the same process (the CPU path is the one tests/ check against the plain
+   full-batch gradient). Then cuDNN's fused attention (``jax.nn.dot_product_attention``) against
+   the XLA attention on the GPU, packed rows, bf16. Prints the errors.
 2. Timing: BERT-base shape (random init), bf16 compute, full-length texts (query 64, passage 256
-   tokens), 5 hard negatives per query, AdamW, at 1,024 queries (6,144 passages) and at the paper's
-   13,334 queries (80,004 passages). MFU counts the model FLOPs of forward + backward (3x forward);
-   the GradCache recompute (one more forward) is shown separately as hardware FLOPs (HFU).
+   tokens; every token real), 5 hard negatives per query, AdamW, dropout as the recipe has it:
+   - 1,024 queries (6,144 passages), chunk 32, with XLA attention and with cuDNN attention
+     (attention-probability dropout off: the fused kernel has none);
+   - the recipe itself, `configs/peg.py:paper`: 13,334 queries (80,004 passages) at its own
+     encode chunk and query block.
+   MFU counts the model FLOPs of forward + backward (3x forward) of real tokens; the GradCache
+   recompute (one more forward) is shown separately as hardware FLOPs (HFU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -22,7 +30,9 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from configs.peg import get_config
 from pegjax import sharding
+from pegjax.data import packing
 from pegjax.loss import LossConfig
 from pegjax.models.bert import BertConfig, EmbeddingModel
 from pegjax.step import StepConfig, create_state, jit_train_step, loss_and_metrics, make_optimizer
@@ -33,7 +43,9 @@ PLATFORM = ["gpu"]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def random_batch(rng, queries, group, query_length, passage_length, vocab, ragged=True, duplicates=True):
+def random_texts(rng, queries, group, query_length, passage_length, vocab, ragged=True, padding=0):
+    """One text a row (ids, mask), hashes with one shared passage (a false negative), and
+    ``padding`` padding queries at the end."""
     def ids_and_mask(rows, length):
         ids = rng.integers(5, vocab, size=(rows, length), dtype=np.int32)
         lengths = rng.integers(3, length + 1, size=rows) if ragged else np.full(rows, length)
@@ -43,19 +55,28 @@ def random_batch(rng, queries, group, query_length, passage_length, vocab, ragge
     query_ids, query_mask = ids_and_mask(queries, query_length)
     passage_ids, passage_mask = ids_and_mask(queries * group, passage_length)
     hashes = rng.integers(1, 2**31 - 1, size=queries * group).astype(np.int32)
-    if duplicates:  # a shared passage: a false negative to be masked
-        passage_ids[group + 1], passage_mask[group + 1], hashes[group + 1] = passage_ids[0], passage_mask[0], hashes[0]
-    return {
-        "query_ids": query_ids, "query_mask": query_mask, "passage_ids": passage_ids, "passage_mask": passage_mask,
-        "passage_hashes": hashes, "positive_hashes": np.zeros((queries, 1), np.int32),
-    }
+    passage_ids[group + 1], passage_mask[group + 1], hashes[group + 1] = passage_ids[0], passage_mask[0], hashes[0]
+    valid = np.ones(queries, np.int32)
+    real = queries - padding
+    query_mask[real:], query_ids[real:], valid[real:] = 0, 0, 0
+    passage_mask[real * group:], passage_ids[real * group:], hashes[real * group:] = 0, 0, 0
+    return {"query_ids": query_ids, "query_mask": query_mask, "passage_ids": passage_ids, "passage_mask": passage_mask,
+            "passage_hashes": hashes, "positive_hashes": np.zeros((queries, 1), np.int32), "query_valid": valid}
+
+
+def step_batch(texts, chunk, packed):
+    """The step's batch of one shard and the StepConfig fields for its slots."""
+    geometries = [packing.fitted_geometry(texts[f"{kind}_mask"], 1, chunk, max_slots=16 if packed else 1)
+                  for kind in ("query", "passage")]
+    batch = packing.step_batch(texts, 1, *geometries)
+    return batch, dict(encode_chunk=chunk, query_slots=geometries[0].slots, passage_slots=geometries[1].slots)
 
 
 def check_against_cpu():
-    model = EmbeddingModel(TINY, pooling="mean", normalize=True)
+    model = EmbeddingModel(TINY, pooling="mean", normalize=True, attention="xla")
     params = nn.unbox(model.init(jax.random.key(0)))
-    batch = random_batch(np.random.default_rng(0), 16, 6, 16, 32, TINY.vocab_size)
-    config = StepConfig(model=model, loss=LossConfig(group_size=6, temperature=0.05, query_block=4), encode_chunk=4, dropout=False)
+    batch, slots = step_batch(random_texts(np.random.default_rng(0), 16, 6, 16, 32, TINY.vocab_size, padding=2), 4, True)
+    config = StepConfig(model=model, loss=LossConfig(group_size=6, temperature=0.05, query_block=4), dropout=False, **slots)
     results = {}
     for platform in ("cpu", PLATFORM[0]):
         device = jax.devices(platform)[0]
@@ -72,7 +93,29 @@ def check_against_cpu():
     loss_error = abs(loss_gpu - loss_cpu) / abs(loss_cpu)
     print(f"correctness: loss cpu {loss_cpu:.6f} gpu {loss_gpu:.6f} rel err {loss_error:.2e}; "
           f"gradient rel err {grad_error:.2e}", flush=True)
-    return loss_error < 1e-4 and grad_error < 1e-4
+    ok = loss_error < 1e-4 and grad_error < 1e-4
+    if PLATFORM[0] == "gpu":
+        ok &= check_fused_attention()
+    return ok
+
+
+def check_fused_attention():
+    """cuDNN attention vs XLA attention on packed bf16 rows: cosine of the embeddings."""
+    texts = random_texts(np.random.default_rng(3), 32, 6, 64, 256, BERT_BASE.vocab_size)
+    batch, slots = step_batch(texts, 64, True)
+    device = jax.devices("gpu")[0]
+    base = EmbeddingModel(dataclasses.replace(BERT_BASE, attention_probs_dropout_prob=0.0), dtype="bfloat16", attention="xla")
+    params = jax.device_put(nn.unbox(base.init(jax.random.key(1))), device)
+    vectors = {}
+    for implementation in ("xla", "cudnn"):
+        model = dataclasses.replace(base, attention=implementation)
+        fn = jax.jit(lambda p, t, s, m=model: m.embed_packed(p, t, s, slots["passage_slots"]))
+        vectors[implementation] = np.asarray(fn(params, jax.device_put(batch["passage_tokens"], device),
+                                                jax.device_put(batch["passage_segments"], device)), np.float32)
+    used = (batch["passage_segments"].max(axis=1)[:, None] > np.arange(slots["passage_slots"])[None, :])
+    cosine = (vectors["xla"] * vectors["cudnn"]).sum(-1)[used]
+    print(f"cudnn attention vs xla attention, packed bf16 rows: min cosine {cosine.min():.5f}", flush=True)
+    return bool(cosine.min() > 0.999)
 
 
 def model_flops(config: BertConfig, queries, group, query_length, passage_length):
@@ -87,18 +130,22 @@ def model_flops(config: BertConfig, queries, group, query_length, passage_length
     return encoder(queries, query_length) + encoder(passages, passage_length) + scores
 
 
-def time_step(queries, group, query_length, passage_length, chunk, block, repeats):
+def time_step(queries, group, query_length, passage_length, chunk, block, repeats, attention="auto",
+              attention_dropout=0.1):
     device = jax.devices(PLATFORM[0])[0]
     mesh = sharding.make_mesh({"data": 1}, devices=[device])
-    model = EmbeddingModel(BERT_BASE, pooling="cls", normalize=True, dtype="bfloat16")
+    bert = dataclasses.replace(BERT_BASE, attention_probs_dropout_prob=attention_dropout)
+    model = EmbeddingModel(bert, pooling="cls", normalize=True, dtype="bfloat16", attention=attention)
     tx = make_optimizer(optax.constant_schedule(1e-5))
     state, state_sharding = create_state(model, tx, mesh, seed=0)
-    config = StepConfig(model=model, loss=LossConfig(group_size=group, temperature=0.02, query_block=block), encode_chunk=chunk)
+    texts = random_texts(np.random.default_rng(1), queries, group, query_length, passage_length, BERT_BASE.vocab_size,
+                         ragged=False)
+    batch, slots = step_batch(texts, chunk, packed=False)
+    config = StepConfig(model=model, loss=LossConfig(group_size=group, temperature=0.02, query_block=block), **slots)
     schedules = {"beta": optax.constant_schedule(1.0), "gamma": optax.constant_schedule(1.0),
                  "learning_rate": optax.constant_schedule(1e-5)}
     step = jit_train_step(config, tx, schedules, mesh, state_sharding)
-    batch = random_batch(np.random.default_rng(1), queries, group, query_length, passage_length, BERT_BASE.vocab_size, ragged=False)
-    batch = jax.device_put(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh, 1), batch))
+    batch = jax.device_put(batch, device)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -117,7 +164,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-paper", action="store_true")
     parser.add_argument("--queries", type=int, default=1024)
-    parser.add_argument("--chunk", type=int, default=32, help="encode chunk rows for the first case")
+    parser.add_argument("--chunk", type=int, default=32, help="encode chunk rows for the 1,024-query cases")
     parser.add_argument("--platform", default="gpu", help="'cpu' only to dry-run this script")
     args = parser.parse_args()
     PLATFORM[0] = args.platform
@@ -126,25 +173,30 @@ def main():
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     print(f"device: {kind}; jax {jax.__version__}; bf16 dense peak used for MFU: {peak / 1e12 if peak else '?'} TFLOP/s", flush=True)
     ok = check_against_cpu()
-    rows = []
-    cases = [(f"{args.queries:,} q x 6", args.queries, args.chunk, 64, 3)]
+    paper = get_config("paper")
+    recipe_chunk, recipe_block = paper.train.encode_chunk, paper.loss.query_block
+    cases = [(f"{args.queries:,} q x 6, xla attention", args.queries, args.chunk, 64, 3, "xla", 0.1)]
+    if args.platform == "gpu":
+        cases.append((f"{args.queries:,} q x 6, cudnn attention (no attention dropout)", args.queries, args.chunk, 64, 3,
+                      "cudnn", 0.0))
     if not args.skip_paper:
-        # 13,334 = 2 * 59 * 113: 59 rows a chunk divides both the queries and the 80,004 passages.
-        cases.append(("13,334 q x 6 = 80,004", 13334, 59, 118, 1))
-    for name, queries, chunk, block, repeats in cases:
-        compile_s, times, memory, loss = time_step(queries, 6, 64, 256, chunk, block, repeats)
+        cases.append((f"recipe: {paper.train.queries_per_step:,} q x 6 = {paper.train.queries_per_step * 6:,}",
+                      paper.train.queries_per_step, recipe_chunk, recipe_block, 1, "auto", 0.1))
+    rows = []
+    for name, queries, chunk, block, repeats, attention, attention_dropout in cases:
+        compile_s, times, memory, loss = time_step(queries, 6, 64, 256, chunk, block, repeats, attention, attention_dropout)
         step_s = times[-1] if len(times) == 1 else min(times[1:])
         flops = model_flops(BERT_BASE, queries, 6, 64, 256)
         mfu = 3 * flops / step_s / peak if peak else float("nan")
         hfu = 4 * flops / step_s / peak if peak else float("nan")
-        rows.append((name, chunk, compile_s, step_s, queries / step_s, mfu, hfu, memory.temp_size_in_bytes / 2**30, loss))
-        print(f"  {name}: times {[round(t, 3) for t in times]}", flush=True)
+        rows.append((name, chunk, block, compile_s, step_s, queries / step_s, mfu, hfu, memory.temp_size_in_bytes / 2**30, loss))
+        print(f"  {name}: compile {compile_s:.1f} s, times {[round(t, 3) for t in times]}", flush=True)
     print()
-    print(f"BERT-base shape, bf16, lengths 64/256, one {kind}; correctness vs CPU: {'ok' if ok else 'FAILED'}")
-    print("| global batch | chunk | compile s | step s | queries/s | MFU (3x fwd) | HFU (incl. recompute) | temp GiB | loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, chunk, compile_s, step_s, qps, mfu, hfu, temp, loss in rows:
-        print(f"| {name} | {chunk} | {compile_s:.1f} | {step_s:.3f} | {qps:.0f} | {mfu:.1%} | {hfu:.1%} | {temp:.1f} | {loss:.3f} |")
+    print(f"BERT-base shape, bf16, lengths 64/256 (every token real), one {kind}; correctness: {'ok' if ok else 'FAILED'}")
+    print("| global batch | chunk | block | compile s | step s | queries/s | MFU (3x fwd) | HFU (incl. recompute) | temp GiB | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, chunk, block, compile_s, step_s, qps, mfu, hfu, temp, loss in rows:
+        print(f"| {name} | {chunk} | {block} | {compile_s:.1f} | {step_s:.3f} | {qps:.0f} | {mfu:.1%} | {hfu:.1%} | {temp:.1f} | {loss:.3f} |")
     if not ok:
         raise SystemExit(1)
 
