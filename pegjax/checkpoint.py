@@ -1,23 +1,28 @@
 """Checkpoints: Orbax CheckpointManager over (train state, data iterator state, config).
 
-Async saves (training goes on while the arrays are written), keep the last N and optionally the
-best by a named eval metric, atomic (a step counts only once Orbax committed it). Every process
-takes part; Orbax writes each array's shards from the processes that hold them.
+Async saves (training goes on while the arrays are written), keep the last N and, with a named
+eval metric, the best one too (so at most N + 1 on disk), atomic (a step counts only once Orbax
+committed it). Every process takes part; Orbax writes each array's shards from the processes that
+hold them.
 """
 
 from __future__ import annotations
 
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 
 class Checkpoints:
     def __init__(self, directory: str, keep: int, best_metric: str = "", async_save: bool = True):
+        policies = [preservation.LatestN(n=keep)]
+        if best_metric:
+            # Ascending by the metric, the last one kept: the best. Saves without the metric are
+            # kept only as the latest N.
+            policies.append(preservation.BestN(get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+                                               keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
             enable_async_checkpointing=async_save,
-            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
-            best_mode="max",
-            keep_checkpoints_without_metrics=True,
+            preservation_policy=preservation.AnyPreservationPolicy(policies),
             create=True,
         )
         self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "config"))

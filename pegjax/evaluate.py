@@ -145,6 +145,8 @@ def main(argv):
         passage_max_length=FLAGS.passage_max_length, progress=lead,
         **({"query_instruction": FLAGS.query_instruction} if FLAGS.query_instruction is not None else {}),
     )
+    if not report["tasks"]:
+        raise tasks.MissingTask("no task could be evaluated: " + "; ".join(report["missing"].values()))
     if not lead:
         return
     print(format_table(report))
@@ -152,8 +154,6 @@ def main(argv):
         with open(FLAGS.output, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, ensure_ascii=False)
         print(f"wrote {FLAGS.output}")
-    if not report["tasks"]:
-        raise SystemExit("no task could be evaluated")
 
 
 def _define_flags():
@@ -178,5 +178,7 @@ def _define_flags():
 if __name__ == "__main__":
     from absl import app
 
+    from pegjax.errors import guarded
+
     _define_flags()
-    app.run(main)
+    app.run(guarded(main))

@@ -115,19 +115,17 @@ def main(argv):
 
     from pegjax import distributed
     from pegjax.encode import Encoder
+    from pegjax.errors import UserError
 
     distributed.use_cpu_cores()
     FLAGS = flags.FLAGS
     if bool(FLAGS.model) == bool(FLAGS.checkpoint):
-        raise SystemExit("error: pass exactly one of --model=DIR or --checkpoint=WORKDIR[/STEP]")
+        raise UserError("pass exactly one of --model=DIR or --checkpoint=WORKDIR[/STEP]")
     card = {"query_prompt": FLAGS.query_prompt, "passage_prompt": FLAGS.passage_prompt}
     if FLAGS.checkpoint:
         from pegjax import train
 
-        try:
-            config, step, model, params, tokenizer = train.restore_params(FLAGS.checkpoint)
-        except train.ConfigError as err:
-            raise SystemExit(f"error: {err}") from None
+        config, step, model, params, tokenizer = train.restore_params(FLAGS.checkpoint)
         import dataclasses
 
         model = dataclasses.replace(model, pooling=FLAGS.pooling or model.pooling,
@@ -151,4 +149,6 @@ if __name__ == "__main__":
     flags.DEFINE_boolean("normalize", None, "Override normalisation (default: the trained one).")
     flags.DEFINE_string("query_prompt", "", "Prompt prepended to queries (default: config.data.query_prefix).")
     flags.DEFINE_string("passage_prompt", "", "Prompt prepended to passages.")
-    app.run(main)
+    from pegjax.errors import guarded
+
+    app.run(guarded(main))

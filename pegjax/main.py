@@ -31,10 +31,7 @@ def main(argv):
     from pegjax import distributed, train
 
     distributed.use_cpu_cores()
-    try:
-        train.check(FLAGS.config, need_data=not FLAGS.dry_run)  # a config that cannot run fails before any work
-    except train.ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    train.check(FLAGS.config, need_data=not FLAGS.dry_run)  # a config that cannot run fails before any work
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     import jax
 
@@ -42,10 +39,7 @@ def main(argv):
         print(f"pegjax: process {jax.process_index()} of {jax.process_count()}; {jax.local_device_count()} local / "
               f"{jax.device_count()} global {jax.devices()[0].platform} devices; workdir {FLAGS.workdir}", flush=True)
     logging.info("config:\n%s", FLAGS.config)
-    try:
-        planned = train.plan(FLAGS.config, need_data=not FLAGS.dry_run)  # a run that cannot be laid out fails here
-    except train.ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    planned = train.plan(FLAGS.config, need_data=not FLAGS.dry_run)  # a run that cannot be laid out fails here
     if jax.process_index() == 0:
         from pegjax import geometry
 
@@ -65,4 +59,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from pegjax.errors import guarded
+
+    app.run(guarded(main))

@@ -267,4 +267,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("cache_dir", None, "Cache corpus embeddings here (memory-mapped).")
     flags.DEFINE_integer("batch_size", 64, "Encoding batch size.")
     flags.DEFINE_integer("max_length", None, "Max tokens (default: the model's).")
-    app.run(main)
+    from pegjax.errors import guarded
+
+    app.run(guarded(main))

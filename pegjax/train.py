@@ -21,6 +21,7 @@ import jax
 from pegjax import distributed, evaluate, geometry, mine, schedules, sharding
 from pegjax.checkpoint import Checkpoints
 from pegjax.data import training
+from pegjax.data.packing import RowGeometry, chunked_rows
 from pegjax.data.tokenizer import load_tokenizer
 from pegjax.encode import Encoder
 from pegjax.errors import ConfigError
@@ -28,7 +29,6 @@ from pegjax.loss import LossConfig
 from pegjax.metric_log import MetricLog
 from pegjax.models import hf
 from pegjax.models.bert import BertConfig, EmbeddingModel
-from pegjax.data.packing import RowGeometry, chunked_rows
 from pegjax.step import (BATCH_KEYS, StepConfig, abstract_batch, batch_shardings, create_state, jit_train_step,
                          make_optimizer, state_layout)
 

@@ -6,8 +6,10 @@ import gzip
 import json
 from typing import Iterator
 
+from pegjax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Input data that cannot be used; the message names the file and line and what to do."""
 
 

@@ -6,6 +6,12 @@ import os
 
 import numpy as np
 
+from pegjax.errors import UserError
+
+
+class TokenizerError(UserError, FileNotFoundError):
+    """No tokenizer where the user pointed."""
+
 
 def load_tokenizer(path: str, lowercase: bool = True):
     """A fast tokenizer from a model folder (``tokenizer.json`` / ``vocab.txt``) or a WordPiece
@@ -15,11 +21,11 @@ def load_tokenizer(path: str, lowercase: bool = True):
     if os.path.isfile(path):
         return BertTokenizerFast(vocab=path, do_lower_case=lowercase, tokenize_chinese_chars=True)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such tokenizer folder or vocab file")
+        raise TokenizerError(f"{path}: no such tokenizer folder or vocab file")
     if not any(
         os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
     ):
-        raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this folder")
+        raise TokenizerError(f"{path}: no tokenizer.json or vocab.txt in this folder")
     return AutoTokenizer.from_pretrained(path, use_fast=True)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from pegjax.errors import UserError
 from pegjax.models.bert import BertConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -25,6 +26,8 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # Tensors a BERT checkpoint may carry that an embedding model does not use: the pooler (a
 # classification head) and the pre-training heads. Ignored with a log line, never an error.
 IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
+
+SUPPORTED_MODEL_TYPES = ("bert",)
 
 _REQUIRED_CONFIG_KEYS = (
     "vocab_size",
@@ -35,7 +38,7 @@ _REQUIRED_CONFIG_KEYS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A model folder that cannot be read as a BERT-family checkpoint; the message says why."""
 
 
@@ -49,6 +52,11 @@ def read_config(folder: str) -> BertConfig:
             raw = json.load(f)
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    model_type = raw.get("model_type", "bert")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{path}: model_type={model_type!r} is not supported; pegjax reads {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "folders (a folder of another family would load with the wrong positions or layers)")
     missing = [k for k in _REQUIRED_CONFIG_KEYS if k not in raw]
     if missing:
         raise CheckpointError(f"{path}: missing required key(s) {', '.join(missing)}")
