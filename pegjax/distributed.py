@@ -103,3 +103,14 @@ def any_process(flags: dict[str, bool], timeout_s: int = 3600) -> dict[str, bool
     if round_ >= 2:  # every process has read round - 2 before writing round - 1
         client.key_value_delete(f"pegjax/any/{round_ - 2}/{me}")
     return merged
+
+
+def barrier(name: str, timeout_s: int = 24 * 3600) -> None:
+    """Waits until every process reaches the barrier ``name`` (a no-op for a single process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(f"pegjax/{name}", timeout_s * 1000)

@@ -41,7 +41,7 @@ def retrieve(encoder, data: RetrievalData, k: int, query_instruction: str = "", 
                                 show_progress=progress)
     queries = _encode_shared(encoder, [query_instruction + q for q in data.query_texts], batch_size=batch_size,
                              max_length=query_max_length, show_progress=progress)
-    scores, index = search.top_k(queries, corpus, k, mesh=search.search_mesh(jax.local_devices()))
+    scores, index = search.top_k(queries, corpus, k)
     return {
         query_id: {data.corpus_ids[j]: float(s) for s, j in zip(row_scores, row_index)}
         for query_id, row_scores, row_index in zip(data.query_ids, scores, index)

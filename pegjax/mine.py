@@ -214,12 +214,21 @@ def _stats(values: np.ndarray) -> dict:
 
 
 def write(records, summary, out: str) -> None:
+    """Writes the mined JSONL and its ``.summary.json`` atomically: each is written beside its
+    final name and renamed into place, the JSONL last, so a file at ``out`` is always complete."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    with open(out + ".summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    partial = f"{out}.partial-{os.getpid()}"
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(partial, out + ".summary.json")
+        with open(partial, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(partial, out)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def main(argv):

@@ -93,8 +93,9 @@ def _search_slice(query_batches, corpus, valid_rows, offset, *, k, block, mesh):
 
 
 def search_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all (or the given) devices for search."""
-    devices = jax.devices() if devices is None else devices
+    """A 1-D mesh over this process's devices (or the given ones) for search: the corpus is host
+    data of the process that searches, so no other process takes part."""
+    devices = jax.local_devices() if devices is None else devices
     return Mesh(np.array(devices), (_AXIS,))
 
 

@@ -140,15 +140,19 @@ def restore_params(checkpoint: str):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+    """SIGTERM sets a flag; at the next step boundary every process learns whether any process got
+    one (`distributed.any_process`), and all of them save the same step and exit cleanly. A second
+    SIGTERM ends the process at once: a run stuck before a step boundary stays stoppable."""
 
     def __init__(self):
         self.requested = False
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+        logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting "
+                        "(a second SIGTERM exits at once)")
         self.requested = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def loss_config_of(config) -> LossConfig:
@@ -189,10 +193,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def encoder_of(params_now):
         return Encoder(model, params_now, tokenizer, max_length)
 
+    tx, knobs = optimizer_and_schedules(config)
+    state, state_sharding = create_state(model, tx, mesh, config.seed, params)
     corpus_cache = os.path.join(workdir, "embedding_cache")
     train_files = [p for p in config.data.train_files.split(",") if p]
     if config.data.get("mine_from") and not train_files:
-        train_files = [_mine_training_data(config, encoder_of(params), workdir, corpus_cache)]
+        # The starting model mines: the folder's weights, or the random init (gathered from the
+        # devices by every process).
+        starting = (lambda: params) if params is not None else (lambda: distributed.to_host(state.params))
+        train_files = [_mine_training_data(config, lambda weights: encoder_of(weights), starting, workdir, corpus_cache)]
 
     record_path, stats = training.build_cache(train_files, config.data.cache_dir or os.path.join(workdir, "data_cache"),
                                               config.data.on_bad_line)
@@ -204,8 +213,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     iterator = iter(dataset)
 
     steps = config.train.steps
-    tx, knobs = optimizer_and_schedules(config)
-    state, state_sharding = create_state(model, tx, mesh, config.seed, params)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints, config.train.best_metric,
                               async_save=config.train.async_checkpoints)
     start = checkpoints.latest_step()
@@ -263,13 +270,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if progress:
             progress.set_postfix(loss=f"{values['loss']:.4f}", beta=f"{values['beta']:.2f}", gamma=f"{values['gamma']:.2f}")
 
+    def agree(spilled):
+        # One exchange per step: the packing spills and whether any process got a SIGTERM.
+        return distributed.any_process(dict(spilled, stop=preemption.requested))
+
     step = start
     try:
         for step in range(start + 1, steps + 1):
+            data_state = iterator.get_state()  # before this step's batch: where a stop resumes
             texts = training.flatten_groups(next(iterator))
-            window.filled += int(texts.pop("filled_negatives").sum())
-            local, spilled = training.pack_for_step(texts, local_shards, geometries, pad_id, agree=distributed.any_process)
-            for kind in (k for k, v in spilled.items() if v):
+            filled = int(texts.pop("filled_negatives").sum())
+            local, flags = training.pack_for_step(texts, local_shards, geometries, pad_id, agree=agree)
+            if flags.pop("stop"):
+                # Every process stops here: the state after step - 1, the data before step.
+                if window.pending:
+                    write_log(step - 1)
+                if checkpoints.latest_step() != step - 1:
+                    checkpoints.save(step - 1, state, data_state, config_json, None, force=True)
+                checkpoints.close()
+                logging.warning("stopped at step %d after SIGTERM; the same command resumes", step - 1)
+                report["preempted_at"] = step - 1
+                return report
+            window.filled += filled
+            for kind in (k for k, v in flags.items() if v):
                 spills[kind] += 1
                 logging.warning("step %d: the %s texts did not fit %d packed rows per shard; this step lays them "
                                 "out one a row (%d so far)", step, kind, geometries[kind].rows, spills[kind])
@@ -285,21 +308,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 progress.update(1)
             if step % config.train.log_steps == 0 or step == steps:
                 owed = step
-            stopping = preemption.requested
             eval_due = step < steps and evaluate.due(evals, step)
             checkpoint_due = step % config.train.checkpoint_steps == 0 and step < steps
-            if owed is not None and (stopping or eval_due or step == steps):
+            if owed is not None and (eval_due or step == steps):
                 write_log(owed)
                 owed = None
             eval_metrics = run_evals(step) if eval_due else {}
-            if stopping:
-                if window.pending:
-                    write_log(step)
-                checkpoints.save(step, state, iterator.get_state(), config_json, eval_metrics or None, force=True)
-                checkpoints.close()
-                logging.warning("stopped at step %d after SIGTERM; the same command resumes", step)
-                report["preempted_at"] = step
-                return report
             if checkpoint_due:
                 checkpoints.save(step, state, iterator.get_state(), config_json, eval_metrics or None)
     finally:
@@ -374,14 +388,21 @@ class _MetricWindow:
         return last
 
 
-def _mine_training_data(config, encoder, workdir, cache_dir) -> str:
-    """Mines hard negatives with the starting model (config.data.mine_from = BEIR folder:split)."""
+def _mine_training_data(config, encoder_of, starting_params, workdir, cache_dir) -> str:
+    """Mines hard negatives with the starting model (config.data.mine_from = BEIR folder:split).
+
+    Process 0 mines, the others wait for it; the file is written atomically, so one that exists
+    is complete (a run killed while mining mines again). ``starting_params()`` is called by every
+    process (it may gather from the devices)."""
     folder, _, split = config.data.mine_from.rpartition(":")
     out = os.path.join(workdir, "mined_train.jsonl")
     if not os.path.isfile(out):
-        data = mine.from_beir(folder, split)
-        records, summary = mine.mine(data, mine.MiningConfig(negatives=config.data.hard_negatives, seed=config.seed),
-                                     encoder, cache_dir=cache_dir)
-        mine.write(records, summary, out)
-        logging.info("mined %d queries: %s", len(records), summary)
+        weights = starting_params()
+        if jax.process_index() == 0:
+            data = mine.from_beir(folder, split)
+            records, summary = mine.mine(data, mine.MiningConfig(negatives=config.data.hard_negatives, seed=config.seed),
+                                         encoder_of(weights), cache_dir=cache_dir)
+            mine.write(records, summary, out)
+            logging.warning("mined hard negatives for %d queries into %s", len(records), out)
+    distributed.barrier("mined_training_data")
     return out

@@ -97,3 +97,20 @@ def test_bad_pairs_line_names_file_and_line(tmp_path):
     path.write_text('{"query": "q", "pos": ["p"]}\n{"query": "q2", "pos": []}\n')
     with pytest.raises(mine.DataError, match=r"pairs.jsonl:2: 'pos' must be a non-empty list"):
         mine.from_pairs(str(path))
+
+
+def test_an_interrupted_write_leaves_no_file_that_looks_complete(tmp_path):
+    """Mined files are written beside their name and renamed into place: a run killed while
+    writing leaves nothing at the final path, so the next run mines again instead of training on
+    half a file."""
+    from pegjax import mine
+
+    out = str(tmp_path / "mined.jsonl")
+    records = [{"query": f"q{i}", "pos": ["p"], "neg": ["n"] * 5} for i in range(100)]
+    records[60] = {"query": object()}  # json cannot write it: the write stops at record 60
+    with pytest.raises(TypeError):
+        mine.write(records, {"queries": 100}, out)
+    assert not os.path.exists(out) and os.listdir(tmp_path) == ["mined.jsonl.summary.json"]
+    records[60] = {"query": "q60", "pos": ["p"], "neg": ["n"] * 5}
+    mine.write(records, {"queries": 100}, out)
+    assert sum(1 for _ in open(out)) == 100 and sorted(os.listdir(tmp_path)) == ["mined.jsonl", "mined.jsonl.summary.json"]

@@ -113,3 +113,35 @@ def test_killing_one_process_ends_the_other_with_a_clear_error_then_resumes(shar
     assert time.time() - killed_at < 120
     assert "another task died" in err
     resume_and_match(args, tmp_path, reference, at_least=3)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_then_resumes(shared_data, one_process, tmp_path):
+    """A scheduler that signals one host: both processes save the same step and exit 0; the same
+    command then resumes and ends on the uninterrupted weights."""
+    reference, data = one_process
+    args = tiny_args(shared_data, tmp_path, data, "--config.train.checkpoint_steps=100")
+    process = local_run(args, tmp_path, processes=2, devices=4)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    second = subprocess.run(["pgrep", "-g", str(process.pid), "-f", "process_id=1"], capture_output=True, text=True)
+    os.kill(int(second.stdout.split()[0]), signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    stopped = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert len(stopped) == 1 and 2 <= stopped[0] < 12, stopped
+    assert not (tmp_path / "export").exists()
+    resume_and_match(args, tmp_path, reference, at_least=stopped[0])
+
+
+def test_with_two_processes_exactly_one_mines_and_the_other_waits(shared_data, tmp_path):
+    data = tmp_path / "unused.jsonl"
+    args = tiny_args(shared_data, tmp_path / "run", data, "--config.data.train_files=",
+                     f"--config.data.mine_from={shared_data / 'scifact'}:train", "--config.data.too_few_negatives=fill",
+                     "--config.train.steps=2", "--config.train.export=false")
+    process = local_run(args, tmp_path, processes=2, devices=2)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert err.count("mined hard negatives for 809 queries") == 1, err[-3000:]
+    assert sum(1 for _ in open(tmp_path / "run" / "mined_train.jsonl")) == 809

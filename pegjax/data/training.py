@@ -272,8 +272,9 @@ def row_geometries(record_path: str, tokenizer, config, queries: int) -> dict[st
 def pack_for_step(texts: dict, shards: int, geometries: dict[str, RowGeometry], pad_id: int,
                   agree=lambda spilled: spilled) -> tuple[dict, dict[str, bool]]:
     """This process's batch, one text a row (``flatten_groups``) -> (the step's packed batch,
-    {kind: spilled}). A kind whose texts do not fit its rows -- here, or in any process as
-    ``agree`` (an OR over processes) reports -- is laid out one text a row instead."""
+    ``agree``'s answer: {kind: spilled, ...}). A kind whose texts do not fit its rows -- here, or
+    in any process as ``agree`` (an OR over processes, which may add flags of its own) reports --
+    is laid out one text a row instead."""
     layout, spilled = {}, {}
     for kind, geometry in geometries.items():
         try:
