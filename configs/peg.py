@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.on_bad_line = "error"  # error | skip (skipped lines are counted and reported)
     c.data.hard_negatives = 5
     c.data.too_few_negatives = "error"  # error | fill (from random passages of the data, counted)
-    c.data.max_extra_positives = 3  # other positives per query kept for false-negative masking
+    c.data.max_extra_positives = 8  # other positives per query kept for false-negative masking
     c.data.query_length = 64
     c.data.passage_length = 256
     c.data.query_prefix = ""  # prepended to every query (when a line has no "prompt")

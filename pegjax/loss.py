@@ -16,7 +16,9 @@ are invisible: no loss, no weight in the statistics of v, no gradient; their pas
 candidates and never counted in N_i; the metrics leave them out.
 
 A negative j of query i is masked (left out of the sum) when it is i's positive, when its text hash
-equals that of i's positive or of another listed positive of i, or (optional margin guard) when it
+equals that of i's positive or of another listed positive of i, when it is the positive of another
+row with i's query text (a duplicated query, or one query split over several lines), when it is
+another row's query with i's query text (query negatives), or (optional margin guard) when it
 scores above i's positive by more than ``margin`` in cosine. A hash of 0 means "unknown" and never
 matches. A query whose negatives are all masked has loss_i = 0.
 
@@ -92,6 +94,7 @@ def contrastive_loss(
     shards: int = 1,
     gather=None,
     valid=None,
+    query_hashes=None,
 ):
     """The progressive global InfoNCE loss and its diagnostics.
 
@@ -107,6 +110,7 @@ def contrastive_loss(
       gather: optional function applied to the [P (+Q), D] candidate embeddings before scoring
         (the step passes a replicating sharding constraint, so they are all-gathered once).
       valid: [Q] bool, false for padding queries (None: every query is real).
+      query_hashes: [Q] int32 text hashes of the queries (0 = unknown; None: all unknown).
 
     Returns:
       (loss scalar float32, metrics dict of scalars).
@@ -119,6 +123,7 @@ def contrastive_loss(
     if num_queries % shards:
         raise ValueError(f"{num_queries} queries do not split over {shards} shards; pad the batch (pegjax.geometry)")
     valid = jnp.ones((num_queries,), bool) if valid is None else valid.astype(bool)
+    query_hashes = jnp.zeros((num_queries,), jnp.int32) if query_hashes is None else query_hashes
     rows = num_queries // shards
     blocks = -(-rows // config.query_block)
     block = -(-rows // blocks)  # equal blocks of at most query_block rows; the last rows pad them
@@ -126,12 +131,17 @@ def contrastive_loss(
 
     candidates, candidate_hashes = passages, passage_hashes
     candidate_valid = jnp.repeat(valid, group)
+    # The query text a candidate must not be a negative for: a passage's own query's when it is
+    # that query's positive, a query column's own (query negatives); 0 otherwise.
+    is_row_positive = jnp.arange(num_passages) % group == 0
+    candidate_query = jnp.where(is_row_positive, jnp.repeat(query_hashes, group), 0)
     if config.query_negatives:
         candidates = jnp.concatenate([passages, queries], axis=0)
         candidate_hashes = jnp.concatenate([passage_hashes, jnp.zeros((num_queries,), passage_hashes.dtype)])
         candidate_valid = jnp.concatenate([candidate_valid, valid])
+        candidate_query = jnp.concatenate([candidate_query, query_hashes])
     if gather is not None:
-        candidates, candidate_valid = gather(candidates), gather(candidate_valid)
+        candidates, candidate_valid, candidate_query = (gather(x) for x in (candidates, candidate_valid, candidate_query))
     num_candidates = candidates.shape[0]
 
     query_index = jnp.arange(num_queries, dtype=jnp.int32)
@@ -148,7 +158,7 @@ def contrastive_loss(
         return jnp.swapaxes(x, 0, 1).reshape(shards, blocks * block)[:, :rows].reshape(num_queries)
 
     def score_block(carry, inputs):
-        query, index, column, own_hash, more_hashes, real = inputs  # [S, b, ...]
+        query, index, column, own_hash, more_hashes, real, own_query = inputs  # [S, b, ...]
         scores = jnp.einsum("sbd,pd->sbp", query, candidates, preferred_element_type=jnp.float32) / tau
         columns = jnp.arange(num_candidates, dtype=jnp.int32)
         is_positive = columns == column[..., None]
@@ -157,7 +167,8 @@ def contrastive_loss(
             (candidate_hashes[None, None, :, None] == more_hashes[..., None, :])
             & (more_hashes[..., None, :] != 0)
         ).any(-1)
-        negative = ~is_positive & ~same_text & ~listed & candidate_valid & real[..., None]
+        same_query = (candidate_query == own_query[..., None]) & (own_query[..., None] != 0)
+        negative = ~is_positive & ~same_text & ~listed & ~same_query & candidate_valid & real[..., None]
         if config.query_negatives:
             negative &= columns != (num_passages + index)[..., None]
         positive_score = jnp.take_along_axis(scores, column[..., None], axis=-1)[..., 0]
@@ -198,6 +209,7 @@ def contrastive_loss(
             to_blocks(own_positive_hash),
             to_blocks(positive_hashes),
             to_blocks(valid),
+            to_blocks(query_hashes),
         ),
     )
     losses = from_blocks(losses)

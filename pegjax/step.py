@@ -12,6 +12,9 @@ Batch (a dict of arrays, every leading dimension split over the mesh's data x fs
                                                         positive first (the loss's labels)
     passage_hashes                    [P] int32         text hash of each passage (0 = unknown)
     positive_hashes                   [Q, M] int32      hashes of other known positives (0 = none)
+    query_hashes                      [Q] int32         text hash of each query (0 = unknown):
+                                                        duplicated queries mask each other's
+                                                        positives
     query_valid                       [Q] int32         0 for the padding rows that make Q split
                                                         over the shards (no tokens, invisible to
                                                         the loss, `pegjax.loss`)
@@ -44,7 +47,7 @@ from pegjax.loss import LossConfig, contrastive_loss
 from pegjax.models.bert import EmbeddingModel
 
 BATCH_KEYS = ("query_tokens", "query_segments", "query_slots", "passage_tokens", "passage_segments", "passage_slots",
-              "passage_hashes", "positive_hashes", "query_valid")
+              "passage_hashes", "positive_hashes", "query_hashes", "query_valid")
 
 
 @flax.struct.dataclass
@@ -162,6 +165,7 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
         shards=shards,
         gather=gather,
         valid=batch["query_valid"] > 0,
+        query_hashes=batch["query_hashes"],
     )
     real = sum((batch[k] > 0).sum() for k in ("query_segments", "passage_segments"))
     positions = batch["query_segments"].size + batch["passage_segments"].size
@@ -290,6 +294,7 @@ def abstract_batch(mesh, queries: RowGeometry, passages: RowGeometry, group: int
         "passage_slots": (shards * passages.texts,),
         "passage_hashes": (shards * passages.texts,),
         "positive_hashes": (shards * queries.texts, extra_positives),
+        "query_hashes": (shards * queries.texts,),
         "query_valid": (shards * queries.texts,),
     }
     if passages.texts != queries.texts * group:

@@ -203,11 +203,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         starting = (lambda: params) if params is not None else (lambda: distributed.to_host(state.params))
         train_files = [_mine_training_data(config, lambda weights: encoder_of(weights), starting, workdir, corpus_cache)]
 
-    record_path, stats = training.build_cache(train_files, config.data.cache_dir or os.path.join(workdir, "data_cache"),
-                                              config.data.on_bad_line)
+    record_path, stats = training.build_cache(
+        train_files, config.data.cache_dir or os.path.join(workdir, "data_cache"), config.data.on_bad_line,
+        min_negatives=config.data.hard_negatives if config.data.too_few_negatives == "error" else 0)
     logging.info("training data: %d records from %d lines; skipped: %s", stats["records"], stats["lines"], stats["skipped"] or "none")
     if stats["skipped"]:
         print(f"skipped {sum(stats['skipped'].values())} bad line(s): {stats['skipped']}")
+    if stats.get("most_positives", 0) > config.data.max_extra_positives + 1:
+        logging.warning("a line has %d positives; only %d besides the one drawn are masked as false negatives: raise "
+                        "config.data.max_extra_positives", stats["most_positives"], config.data.max_extra_positives)
     dataset = training.pipeline(record_path, tokenizer, config, config.seed, jax.process_index(), jax.process_count(),
                                 global_rows=planned.padded_queries)
     iterator = iter(dataset)

@@ -117,3 +117,34 @@ def test_a_block_that_does_not_divide_the_rows_is_padded_not_an_error():
     got, got_grad = jax.value_and_grad(lambda q: loss(3, q, passages))(queries)
     assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want))
     np.testing.assert_allclose(got_grad, want_grad, atol=1e-6)
+
+
+def test_a_query_on_two_rows_masks_each_rows_positive_for_the_other():
+    """Rows 0 and 5 hold the same query text with different positives (one query split over two
+    lines, or a duplicated query): each row's positive is masked for the other, exactly as if each
+    listed the other's positive; with query negatives, their query columns are masked too."""
+    rng = np.random.default_rng(4)
+    count, group = 8, 3
+    queries, passages = random_embeddings(rng, count), random_embeddings(rng, count * group)
+    queries[5] = queries[0]
+    hashes = rng.integers(1, 1000000, size=count * group).astype(np.int32)
+    query_hashes = rng.integers(1, 1000000, size=count).astype(np.int32)
+    query_hashes[5] = query_hashes[0]
+    none = np.zeros((count, 1), np.int32)
+    listed = none.copy()
+    listed[0, 0], listed[5, 0] = hashes[5 * group], hashes[0]
+
+    def loss(q, p, extra, by_query, query_negatives=False):
+        cfg = LossConfig(group_size=group, temperature=0.05, query_block=2, query_negatives=query_negatives)
+        return contrastive_loss(q, p, hashes, extra, 2.0, 1.0, cfg, query_hashes=query_hashes if by_query else None)
+
+    (want, _), want_grad = jax.value_and_grad(lambda q: loss(q, passages, listed, False), has_aux=True)(queries)
+    (got, _), got_grad = jax.value_and_grad(lambda q: loss(q, passages, none, True), has_aux=True)(queries)
+    unmasked, _ = loss(queries, passages, none, False)
+    assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want)) and abs(float(unmasked) - float(want)) > 1e-3
+    np.testing.assert_allclose(got_grad, want_grad, atol=1e-6)
+    _, plain = loss(queries, passages, none, False, query_negatives=True)
+    _, masked = loss(queries, passages, none, True, query_negatives=True)
+    others = count * group + count - 1
+    # Two rows each lose the other's positive and the other's query column.
+    assert float(masked["masked_fraction"]) - float(plain["masked_fraction"]) == pytest.approx(2 * 2 / others / count)

@@ -166,7 +166,14 @@ def test_too_few_negatives_errors_or_fills(tmp_path, shared_data):
     from pegjax.data.tokenizer import load_tokenizer
 
     path = tmp_path / "few.jsonl"
-    path.write_text("\n".join(json.dumps({"query": f"q{i}", "pos": [f"p{i}"], "neg": ["n"] * (i % 3)}) for i in range(8)) + "\n")
+    lines = [{"query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{j}" for j in range(i % 3 if i < 8 else 5)]} for i in range(12)]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    # too_few_negatives=error: the cache build, before any step, names the first short line ...
+    with pytest.raises(DataError, match=r"few.jsonl:1: 0 negatives, 5 needed .*too_few_negatives=fill"):
+        training.build_cache([str(path)], str(tmp_path / "cache"), "error", min_negatives=5)
+    # ... or, skipping bad lines, leaves them out and counts them.
+    _, stats = training.build_cache([str(path)], str(tmp_path / "cache"), "skip", min_negatives=5)
+    assert stats["records"] == 4 and stats["skipped"] == {"too_few_negatives": 8}
     record_path, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
     tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
     import ml_collections
@@ -176,12 +183,28 @@ def test_too_few_negatives_errors_or_fills(tmp_path, shared_data):
     config = base_config()
     config.train.queries_per_step = 4
     config.data.query_length = config.data.passage_length = 8
-    with pytest.raises(DataError, match=r"few.jsonl:\d+: [012] negatives, 5 needed.*too_few_negatives=fill"):
-        next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
     config.data.too_few_negatives = "fill"
     batch = next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
     assert batch["passage_ids"].shape == (4, 6, 8) and batch["filled_negatives"].sum() > 0
     assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_fill_with_nothing_to_fill_from_is_an_error_not_a_hang(tmp_path, shared_data):
+    from configs.peg import base_config
+    from pegjax.data.tokenizer import load_tokenizer
+
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n")
+    record_path, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
+    config = base_config()
+    config.train.queries_per_step = 1
+    config.data.query_length = config.data.passage_length = 8
+    config.data.too_few_negatives = "fill"
+    tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
+    start = time.time()
+    with pytest.raises(DataError, match=r"one.jsonl:1: 1 negatives, 5 needed, and no other record offers a positive"):
+        next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
+    assert time.time() - start < 60
 
 
 def test_paper_config_without_data_fails_at_once_naming_the_key(tmp_path):

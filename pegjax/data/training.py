@@ -57,8 +57,9 @@ def parse_line(raw: bytes, where: str) -> dict:
     return {"query": query, "prompt": prompt, "pos": positives, "neg": negatives, "source": where}
 
 
-def read_records(paths: list[str], on_bad_line: str, stats: dict) -> Iterator[dict]:
-    """Checked records of every file, in order; ``stats`` counts lines, records and skips."""
+def read_records(paths: list[str], on_bad_line: str, stats: dict, min_negatives: int = 0) -> Iterator[dict]:
+    """Checked records of every file, in order; ``stats`` counts lines, records and skips. A line
+    with fewer than ``min_negatives`` negatives is a bad line (too_few_negatives)."""
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"config.data.on_bad_line={on_bad_line!r}: use 'error' or 'skip'")
     for path in paths:
@@ -68,6 +69,11 @@ def read_records(paths: list[str], on_bad_line: str, stats: dict) -> Iterator[di
             stats["lines"] += 1
             try:
                 record = parse_line(raw, where)
+                if len(record["neg"]) < min_negatives:
+                    raise DataError(
+                        f"{where}: {len(record['neg'])} negatives, {min_negatives} needed (config.data.hard_negatives; "
+                        "mine more with python -m pegjax.mine, or set config.data.too_few_negatives=fill) "
+                        "(too_few_negatives)")
             except DataError as err:
                 if on_bad_line == "error":
                     raise DataError(f"{err} -- fix the line, or set config.data.on_bad_line=skip") from None
@@ -75,14 +81,19 @@ def read_records(paths: list[str], on_bad_line: str, stats: dict) -> Iterator[di
                 stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
                 continue
             stats["records"] += 1
+            stats["most_positives"] = max(stats.get("most_positives", 0), len(record["pos"]))
             yield record
 
 
-def build_cache(paths: list[str], cache_dir: str, on_bad_line: str) -> tuple[str, dict]:
-    """Writes (once) the checked records as ArrayRecord -> (record file, stats)."""
+def build_cache(paths: list[str], cache_dir: str, on_bad_line: str, min_negatives: int = 0) -> tuple[str, dict]:
+    """Writes (once) the checked records as ArrayRecord -> (record file, stats).
+
+    ``min_negatives``: lines with fewer negatives are bad lines (an error naming file:line, or
+    skipped and counted): config.data.hard_negatives under too_few_negatives=error, else 0.
+    """
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    digest = hashlib.sha1(f"{FORMAT_VERSION}:{on_bad_line}".encode())
+    digest = hashlib.sha1(f"{FORMAT_VERSION}:{on_bad_line}:{min_negatives}".encode())
     for path in paths:
         digest.update(path.encode() + b"\0")
         with open(path, "rb") as f:
@@ -100,7 +111,7 @@ def build_cache(paths: list[str], cache_dir: str, on_bad_line: str) -> tuple[str
     stats = {"lines": 0, "records": 0, "skipped": {}, "files": paths}
     writer = ArrayRecordWriter(os.path.join(partial, "train.array_record"), "group_size:1")
     try:
-        for record in read_records(paths, on_bad_line, stats):
+        for record in read_records(paths, on_bad_line, stats, min_negatives):
             writer.write(json.dumps(record, ensure_ascii=False).encode("utf-8"))
     finally:
         writer.close()
@@ -155,15 +166,24 @@ class ExampleMaker:
         else:
             chosen = list(negatives)
             own = {text_hash(p) for p in positives}
-            while len(chosen) < self.hard:
+            # Bounded: a file where no other record has a positive of its own must fail, not spin.
+            for _ in range(64 * self.hard):
+                if len(chosen) == self.hard:
+                    break
                 other = json.loads(self.source[int(rng.integers(len(self.source)))])
                 candidate = other["pos"][0]
                 if text_hash(candidate) not in own:
                     chosen.append(candidate)
                     filled += 1
+            else:
+                raise DataError(
+                    f"{record['source']}: {len(negatives)} negatives, {self.hard} needed, and no other record offers a "
+                    f"positive to fill with (config.data.too_few_negatives=fill, {len(self.source)} records): add "
+                    "negatives (python -m pegjax.mine) or more records")
         passages = [positive] + chosen
         prompt = record["prompt"] if record["prompt"] is not None else self.query_prefix
-        query_ids, query_mask = self._ids([prompt + record["query"]], self.query_length)
+        query = prompt + record["query"]
+        query_ids, query_mask = self._ids([query], self.query_length)
         passage_ids, passage_mask = self._ids(passages, self.passage_length)
         extra = [text_hash(p) for p in positives if p != positive][: self.extra]
         return {
@@ -174,6 +194,7 @@ class ExampleMaker:
             "passage_hashes": np.array([text_hash(p) for p in passages], np.int32),
             "positive_hashes": np.array((extra + [0] * self.extra)[: self.extra] or [0], np.int32),
             "filled_negatives": np.int32(filled),
+            "query_hashes": np.int32(text_hash(query)),
             "query_valid": np.int32(1),
         }
 
@@ -188,6 +209,7 @@ class ExampleMaker:
             "passage_hashes": np.zeros(group, np.int32),
             "positive_hashes": np.zeros(max(self.extra, 1), np.int32),
             "filled_negatives": np.int32(0),
+            "query_hashes": np.int32(0),
             "query_valid": np.int32(0),
         }
 
@@ -288,8 +310,7 @@ def pack_for_step(texts: dict, shards: int, geometries: dict[str, RowGeometry], 
             layout[kind] = pack_shards(texts[f"{kind}_ids"], texts[f"{kind}_mask"], shards, geometry.one_per_row(), pad_id)
     batch = {f"{kind}_{name}": array for kind, arrays in layout.items()
              for name, array in zip(("tokens", "segments", "slots"), arrays)}
-    batch.update(passage_hashes=texts["passage_hashes"], positive_hashes=texts["positive_hashes"],
-                 query_valid=texts["query_valid"])
+    batch.update({key: texts[key] for key in ("passage_hashes", "positive_hashes", "query_hashes", "query_valid")})
     return batch, spilled
 
 
