@@ -13,7 +13,10 @@ so the figures equal pytrec_eval's on the same run file:
     MAP@k     sum over relevant documents in the top k of precision at their rank, / all relevant
 
 A query with no relevant document in its qrels has no defined value and is left out of the mean
-(and counted); a query in the qrels that the run lacks scores 0.
+(and counted). A query in the qrels that the run lacks scores 0 on every metric and stays in the
+mean, as trec_eval -c averages "over the complete set of queries in the relevance judgements": a
+system that returns nothing for a query is not rewarded for it. pytrec_eval's default differs: it
+evaluates only the queries present in the run, so its mean over a run that lacks queries is higher.
 """
 
 from __future__ import annotations

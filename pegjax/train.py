@@ -244,8 +244,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # Parameters leave the devices only when an eval is due at this step.
         if not evaluate.due(evals, at_step, final):
             return {}
+        # Only the starting model's corpus embeddings are worth keeping (mining shares them); a
+        # cache of every later eval's would grow without bound and never be read again.
         results = evaluate.run_evals(encoder_of(distributed.to_host(state.params)), evals, at_step, final=final,
-                                     data_dir=config.eval_data_dir or None, corpus_cache_dir=corpus_cache)
+                                     data_dir=config.eval_data_dir or None,
+                                     corpus_cache_dir=corpus_cache if at_step == 0 else None)
         flat = {f"{name}/{metric}": value for name, values in results.items() for metric, value in values.items()}
         if flat:
             log.write(at_step, flat)

@@ -62,3 +62,18 @@ def test_query_without_relevant_documents_is_left_out_and_counted():
     mean, per_query, skipped = metrics.evaluate(qrels, run, (1, 2))
     assert skipped == 1 and set(per_query) == {"a"}
     assert mean["mrr@2"] == 0.5 and mean["recall@1"] == 0.0
+
+
+def test_a_query_the_run_lacks_scores_zero_and_stays_in_the_mean():
+    """trec_eval -c's convention, not pytrec_eval's default (which evaluates only the run's queries):
+    per query the values equal pytrec_eval's, the absent query is 0, the mean is over all judged."""
+    qrels = {"a": {"d1": 1}, "b": {"d2": 2, "d3": 1}, "c": {"d4": 1}}
+    run = {"a": {"d1": 0.9, "d9": 0.5}, "b": {"d3": 0.8, "d2": 0.7}}  # "c" returned nothing
+    mean, per_query, skipped = metrics.evaluate(qrels, run, (1, 10))
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.1,10", "recall.1,10"}).evaluate(run)
+    assert set(theirs) == {"a", "b"} and skipped == 0
+    for query_id, values in theirs.items():
+        assert per_query[query_id]["ndcg@10"] == pytest.approx(values["ndcg_cut_10"], abs=1e-9)
+    assert all(value == 0.0 for value in per_query["c"].values())
+    assert mean["ndcg@10"] == pytest.approx(sum(v["ndcg_cut_10"] for v in theirs.values()) / 3, abs=1e-9)
+    assert mean["recall@10"] == pytest.approx(2 / 3)

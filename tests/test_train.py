@@ -351,3 +351,22 @@ def tiny_beir_folder(folder):
             f.write(json.dumps({"_id": f"q{i}", "text": f"问题 {i}"}) + "\n")
     (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(3)))
     return folder
+
+
+def test_disk_use_stays_bounded_over_ten_evals(shared_data, train_file, tmp_path):
+    """An eval every step for 10 steps (and at the start): one corpus-embedding cache, the starting
+    model's, and no more checkpoints than kept."""
+    from pegjax import train
+
+    config = tiny_config(shared_data, train_file, steps=10, log_steps=5, checkpoint_steps=1, keep_checkpoints=2,
+                         export=False)
+    config.unlock()
+    config.evals = {"tiny": {"task": f"{tiny_beir_folder(tmp_path / 'task')}:test", "log_steps": 1}}
+    config.eval_at_start = True
+    config.lock()
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    evals = [line for line in map(json.loads, open(workdir / "metrics.jsonl")) if "tiny/ndcg@10" in line]
+    assert len(evals) == 11
+    assert len(os.listdir(workdir / "embedding_cache")) == 1
+    assert len([d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]) <= 2
