@@ -203,16 +203,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
         starting = (lambda: params) if params is not None else (lambda: distributed.to_host(state.params))
         train_files = [_mine_training_data(config, lambda weights: encoder_of(weights), starting, workdir, corpus_cache)]
 
-    record_path, stats = training.build_cache(
+    build = lambda: training.build_cache(  # noqa: E731
         train_files, config.data.cache_dir or os.path.join(workdir, "data_cache"), config.data.on_bad_line,
         min_negatives=config.data.hard_negatives if config.data.too_few_negatives == "error" else 0)
+    if lead:  # process 0 builds the cache, the others then find it
+        record_files, stats = build()
+    distributed.barrier("training_data_cache")
+    if not lead:
+        record_files, stats = build()
     logging.info("training data: %d records from %d lines; skipped: %s", stats["records"], stats["lines"], stats["skipped"] or "none")
     if stats["skipped"]:
         print(f"skipped {sum(stats['skipped'].values())} bad line(s): {stats['skipped']}")
     if stats.get("most_positives", 0) > config.data.max_extra_positives + 1:
         logging.warning("a line has %d positives; only %d besides the one drawn are masked as false negatives: raise "
                         "config.data.max_extra_positives", stats["most_positives"], config.data.max_extra_positives)
-    dataset = training.pipeline(record_path, tokenizer, config, config.seed, jax.process_index(), jax.process_count(),
+    dataset = training.pipeline(record_files, tokenizer, config, config.seed, jax.process_index(), jax.process_count(),
                                 global_rows=planned.padded_queries)
     iterator = iter(dataset)
 
@@ -228,7 +233,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start = int(start or 0)
 
     shards = sharding.batch_shards(mesh)
-    geometries = training.row_geometries(record_path, tokenizer, config, planned.queries_per_shard)
+    geometries = training.row_geometries(record_files, tokenizer, config, planned.queries_per_shard)
     for kind, rows in geometries.items():
         logging.info("%s rows per batch shard: %s", kind, rows)
     step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,

@@ -174,7 +174,7 @@ def test_too_few_negatives_errors_or_fills(tmp_path, shared_data):
     # ... or, skipping bad lines, leaves them out and counts them.
     _, stats = training.build_cache([str(path)], str(tmp_path / "cache"), "skip", min_negatives=5)
     assert stats["records"] == 4 and stats["skipped"] == {"too_few_negatives": 8}
-    record_path, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
+    record_files, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
     tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
     import ml_collections
 
@@ -184,7 +184,7 @@ def test_too_few_negatives_errors_or_fills(tmp_path, shared_data):
     config.train.queries_per_step = 4
     config.data.query_length = config.data.passage_length = 8
     config.data.too_few_negatives = "fill"
-    batch = next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
+    batch = next(iter(training.pipeline(record_files, tokenizer, config, seed=0)))
     assert batch["passage_ids"].shape == (4, 6, 8) and batch["filled_negatives"].sum() > 0
     assert isinstance(config, ml_collections.ConfigDict)
 
@@ -195,7 +195,7 @@ def test_fill_with_nothing_to_fill_from_is_an_error_not_a_hang(tmp_path, shared_
 
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n")
-    record_path, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
+    record_files, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
     config = base_config()
     config.train.queries_per_step = 1
     config.data.query_length = config.data.passage_length = 8
@@ -203,7 +203,7 @@ def test_fill_with_nothing_to_fill_from_is_an_error_not_a_hang(tmp_path, shared_
     tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
     start = time.time()
     with pytest.raises(DataError, match=r"one.jsonl:1: 1 negatives, 5 needed, and no other record offers a positive"):
-        next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
+        next(iter(training.pipeline(record_files, tokenizer, config, seed=0)))
     assert time.time() - start < 60
 
 
@@ -231,13 +231,13 @@ def test_prompt_or_query_prefix_is_prepended(tmp_path, shared_data):
     negatives = [f"负例{i}" for i in range(5)]
     path.write_text(json.dumps({"query": "高血压", "pos": ["正例"], "neg": negatives, "prompt": "问："}, ensure_ascii=False) + "\n"
                     + json.dumps({"query": "高血压", "pos": ["正例"], "neg": negatives}, ensure_ascii=False) + "\n")
-    record_path, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
+    record_files, _ = training.build_cache([str(path)], str(tmp_path / "cache"), "error")
     tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
     config = base_config()
     config.train.queries_per_step = 2
     config.data.query_length = config.data.passage_length = 12
     config.data.query_prefix = "查询："
-    batch = next(iter(training.pipeline(record_path, tokenizer, config, seed=0)))
+    batch = next(iter(training.pipeline(record_files, tokenizer, config, seed=0)))
     queries = sorted(tokenizer.decode(ids[mask > 0], skip_special_tokens=True).replace(" ", "")
                      for ids, mask in zip(batch["query_ids"], batch["query_mask"]))
     assert queries == sorted(["问：高血压", "查询：高血压"])

@@ -18,6 +18,7 @@ masking. Its iterator state is saved in checkpoints.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ import numpy as np
 from pegjax.data.jsonl import DataError, decode_object, lines
 from pegjax.data.packing import DoesNotFit, RowGeometry, chunked_rows, estimate_geometry, pack_shards
 
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 
 
 def text_hash(text: str) -> int:
@@ -57,76 +58,124 @@ def parse_line(raw: bytes, where: str) -> dict:
     return {"query": query, "prompt": prompt, "pos": positives, "neg": negatives, "source": where}
 
 
-def read_records(paths: list[str], on_bad_line: str, stats: dict, min_negatives: int = 0) -> Iterator[dict]:
-    """Checked records of every file, in order; ``stats`` counts lines, records and skips. A line
-    with fewer than ``min_negatives`` negatives is a bad line (too_few_negatives)."""
+def _checked(read, on_bad_line: str, stats: dict, min_negatives: int = 0) -> Iterator[dict]:
+    """Checked records of (``file:line``, raw bytes) lines, in order; ``stats`` counts lines,
+    records and skips. A line with fewer than ``min_negatives`` negatives is a bad line
+    (too_few_negatives)."""
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"config.data.on_bad_line={on_bad_line!r}: use 'error' or 'skip'")
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such training file (config.data.train_files)")
-        for where, raw in lines(path):
-            stats["lines"] += 1
-            try:
-                record = parse_line(raw, where)
-                if len(record["neg"]) < min_negatives:
-                    raise DataError(
-                        f"{where}: {len(record['neg'])} negatives, {min_negatives} needed (config.data.hard_negatives; "
-                        "mine more with python -m pegjax.mine, or set config.data.too_few_negatives=fill) "
-                        "(too_few_negatives)")
-            except DataError as err:
-                if on_bad_line == "error":
-                    raise DataError(f"{err} -- fix the line, or set config.data.on_bad_line=skip") from None
-                reason = str(err).rsplit("(", 1)[-1].split(")")[0]
-                stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
-                continue
-            stats["records"] += 1
-            stats["most_positives"] = max(stats.get("most_positives", 0), len(record["pos"]))
-            yield record
+    for where, raw in read:
+        stats["lines"] += 1
+        try:
+            record = parse_line(raw, where)
+            if len(record["neg"]) < min_negatives:
+                raise DataError(
+                    f"{where}: {len(record['neg'])} negatives, {min_negatives} needed (config.data.hard_negatives; "
+                    "mine more with python -m pegjax.mine, or set config.data.too_few_negatives=fill) "
+                    "(too_few_negatives)")
+        except DataError as err:
+            if on_bad_line == "error":
+                raise DataError(f"{err} -- fix the line, or set config.data.on_bad_line=skip") from None
+            reason = str(err).rsplit("(", 1)[-1].split(")")[0]
+            stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+            continue
+        stats["records"] += 1
+        stats["most_positives"] = max(stats.get("most_positives", 0), len(record["pos"]))
+        yield record
 
 
-def build_cache(paths: list[str], cache_dir: str, on_bad_line: str, min_negatives: int = 0) -> tuple[str, dict]:
-    """Writes (once) the checked records as ArrayRecord -> (record file, stats).
+def build_cache(paths: list[str], cache_dir: str, on_bad_line: str, min_negatives: int = 0,
+                part_lines: int = 1_000_000) -> tuple[list[str], dict]:
+    """Writes (once) the checked records as ArrayRecord parts -> (record files, stats).
 
     ``min_negatives``: lines with fewer negatives are bad lines (an error naming file:line, or
     skipped and counted): config.data.hard_negatives under too_few_negatives=error, else 0.
-    """
-    from array_record.python.array_record_module import ArrayRecordWriter
 
-    digest = hashlib.sha1(f"{FORMAT_VERSION}:{on_bad_line}:{min_negatives}".encode())
+    The cache is built in parts of ``part_lines`` input lines, each renamed into place when
+    complete, in a ``.building`` folder that becomes the cache only once every part is there. A
+    build that is killed resumes at its first unfinished part (the lines before it are read, not
+    parsed again); a partial cache is never taken for a complete one. Memory does not grow with
+    the input.
+    """
+    digest = hashlib.sha1(f"{FORMAT_VERSION}:{on_bad_line}:{min_negatives}:{part_lines}".encode())
     for path in paths:
         digest.update(path.encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such training file (config.data.train_files)") from None
     folder = os.path.join(cache_dir, digest.hexdigest()[:24])
-    record_path = os.path.join(folder, "train.array_record")
     stats_path = os.path.join(folder, "stats.json")
     if os.path.isfile(stats_path):
         with open(stats_path, encoding="utf-8") as f:
-            return record_path, json.load(f)
-    partial = f"{folder}.partial-{os.getpid()}"  # several processes may build the same cache at once
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    stats = {"lines": 0, "records": 0, "skipped": {}, "files": paths}
-    writer = ArrayRecordWriter(os.path.join(partial, "train.array_record"), "group_size:1")
+            stats = json.load(f)
+        return [os.path.join(folder, name) for name in stats["parts"]], stats
+    building = folder + ".building"
+    os.makedirs(building, exist_ok=True)
+    parts = []
+    read = ((where, raw) for path in paths for where, raw in lines(path))
+    for number in itertools.count():
+        done = os.path.join(building, f"part-{number:05d}.json")
+        if os.path.isfile(done):  # finished by an earlier run: skip its lines unparsed
+            with open(done, encoding="utf-8") as f:
+                part = json.load(f)
+            if sum(1 for _ in itertools.islice(read, part["lines"])) != part["lines"]:
+                raise DataError(f"{building}: part {number} covers more lines than the input has; delete the folder")
+        else:
+            first = next(read, None)
+            if first is None:
+                break
+            lines_of_part = itertools.chain([first], itertools.islice(read, part_lines - 1))
+            part = _write_part(lines_of_part, building, number, paths, on_bad_line, min_negatives)
+        parts.append(part)
+        if part["lines"] < part_lines:
+            break
+    stats = {"lines": sum(p["lines"] for p in parts), "records": sum(p["records"] for p in parts), "skipped": {},
+             "files": paths, "most_positives": max((p["most_positives"] for p in parts), default=0),
+             "parts": [p["file"] for p in parts if p["records"]]}
+    for part in parts:
+        for reason, count in part["skipped"].items():
+            stats["skipped"][reason] = stats["skipped"].get(reason, 0) + count
+    if stats["records"] == 0:
+        shutil.rmtree(building, ignore_errors=True)
+        raise DataError(f"{', '.join(paths)}: no usable training line ({stats['lines']} lines read)")
+    _write_json(os.path.join(building, "stats.json"), stats)
     try:
-        for record in read_records(paths, on_bad_line, stats, min_negatives):
+        os.replace(building, folder)  # only now is it a cache
+    except OSError:  # another process finished the same cache first: theirs is identical
+        if not os.path.isfile(stats_path):
+            raise
+    return [os.path.join(folder, name) for name in stats["parts"]], stats
+
+
+def _write_part(read, building: str, number: int, paths, on_bad_line: str, min_negatives: int) -> dict:
+    """Checks and writes one part's lines; its stats file, written last, marks it complete."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    name = f"part-{number:05d}.array_record"
+    stats = {"lines": 0, "records": 0, "skipped": {}, "most_positives": 0, "file": name}
+    partial = os.path.join(building, f"{name}.partial-{os.getpid()}")
+    writer = ArrayRecordWriter(partial, "group_size:1")
+    try:
+        for record in _checked(read, on_bad_line, stats, min_negatives):
             writer.write(json.dumps(record, ensure_ascii=False).encode("utf-8"))
     finally:
         writer.close()
-    if stats["records"] == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise DataError(f"{', '.join(paths)}: no usable training line ({stats['lines']} lines read)")
-    with open(os.path.join(partial, "stats.json"), "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=2)
-    try:
-        os.replace(partial, folder)  # a half-written cache never looks complete
-    except OSError:  # another process finished the same cache first: theirs is identical
-        shutil.rmtree(partial, ignore_errors=True)
-        if not os.path.isfile(stats_path):
-            raise
-    return record_path, stats
+    if stats["records"]:
+        os.replace(partial, os.path.join(building, name))
+    else:
+        os.remove(partial)
+    _write_json(os.path.join(building, f"part-{number:05d}.json"), stats)
+    return stats
+
+
+def _write_json(path: str, value) -> None:
+    partial = f"{path}.partial-{os.getpid()}"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+    os.replace(partial, path)
 
 
 class ExampleMaker:
@@ -214,7 +263,7 @@ class ExampleMaker:
         }
 
 
-def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int = 0, process_count: int = 1,
+def pipeline(record_files: list[str], tokenizer, config, seed: int, process_index: int = 0, process_count: int = 1,
              global_rows: int | None = None):
     """A grain IterDataset of host-local batches (dict of numpy arrays, leading dim = this
     process's rows per step); its iterator state is checkpointable.
@@ -231,7 +280,7 @@ def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int 
     if global_rows % process_count or global_rows < queries:
         raise ValueError(f"{global_rows} rows per step (config.train.queries_per_step={queries}, padded) do not split "
                          f"over {process_count} processes")
-    source = grain.sources.ArrayRecordDataSource([record_path])
+    source = grain.sources.ArrayRecordDataSource(record_files)
     maker = ExampleMaker(tokenizer, source, data.hard_negatives, data.query_length, data.passage_length,
                          data.max_extra_positives, data.too_few_negatives, data.query_prefix)
     stream = (
@@ -260,14 +309,14 @@ def pipeline(record_path: str, tokenizer, config, seed: int, process_index: int 
     return iterable
 
 
-def sample_lengths(record_path: str, tokenizer, config, count: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def sample_lengths(record_files: list[str], tokenizer, config, count: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token counts of ``count`` random records' queries (prompt included) and of their passages
     (every positive and negative), truncated as training truncates them -> ([n] int, [m] int)."""
     import grain
 
     from pegjax.data.tokenizer import tokenize
 
-    source = grain.sources.ArrayRecordDataSource([record_path])
+    source = grain.sources.ArrayRecordDataSource(record_files)
     picks = np.random.default_rng(seed).choice(len(source), min(count, len(source)), replace=False)
     records = [json.loads(source[int(i)]) for i in sorted(picks)]
     prefix = config.data.query_prefix
@@ -278,7 +327,7 @@ def sample_lengths(record_path: str, tokenizer, config, count: int = 2048, seed:
     return np.asarray(query_lengths), np.asarray(passage_lengths)
 
 
-def row_geometries(record_path: str, tokenizer, config, queries: int) -> dict[str, RowGeometry]:
+def row_geometries(record_files: list[str], tokenizer, config, queries: int) -> dict[str, RowGeometry]:
     """{"query": ..., "passage": ...}: rows per batch shard for ``queries`` queries a shard of this
     data (`pegjax.data.packing`), or one text a row with ``config.data.packing=False``."""
     texts = {"query": queries, "passage": queries * (1 + config.data.hard_negatives)}
@@ -287,7 +336,7 @@ def row_geometries(record_path: str, tokenizer, config, queries: int) -> dict[st
     if not config.data.packing:
         return {kind: RowGeometry(texts[kind], chunked_rows(texts[kind], chunk)[0], lengths[kind], 1, chunk)
                 for kind in texts}
-    samples = dict(zip(("query", "passage"), sample_lengths(record_path, tokenizer, config, seed=config.seed)))
+    samples = dict(zip(("query", "passage"), sample_lengths(record_files, tokenizer, config, seed=config.seed)))
     return {kind: estimate_geometry(samples[kind], texts[kind], lengths[kind], chunk, seed=config.seed) for kind in texts}
 
 
