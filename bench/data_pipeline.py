@@ -72,7 +72,8 @@ def pipeline_rate(cache_files: list[str], batches: int, queries: int) -> tuple[f
     tokenizer = load_tokenizer(str(SHARED_DATA / "vocab" / "bert-base-chinese-vocab.txt"))
     iterator = iter(training.pipeline(cache_files, tokenizer, config, seed=0))
     geometries = training.row_geometries(cache_files, tokenizer, config, queries)
-    next(iterator)  # threads started
+    for _ in range(batches):  # past what the reader threads fetched ahead
+        next(iterator)
     start = time.perf_counter()
     texts = [training.flatten_groups(next(iterator)) for _ in range(batches)]
     read_s = time.perf_counter() - start
@@ -102,17 +103,21 @@ def main():
 
     shutil.rmtree(cache, ignore_errors=True)
     parts = -(-args.lines // 1_000_000)
+    done_before = 0
     if args.kill_halfway:
         seconds, finished = build(path, cache, kill_after_parts=max(parts // 2, 1))
-        print(f"first build SIGKILLed after {seconds:.0f} s (finished: {finished}); parts done: "
-              f"{sorted(f for d in os.listdir(cache) for f in os.listdir(os.path.join(cache, d)) if f.endswith('.json'))}")
+        done_before = len([f for d in os.listdir(cache) for f in os.listdir(os.path.join(cache, d))
+                           if f.startswith("part-") and f.endswith(".json")])
+        print(f"first build SIGKILLed after {seconds:.0f} s with {done_before} of {parts} parts done (finished: {finished})")
     seconds, finished = build(path, cache)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
     folder = next(d for d in os.listdir(cache) if not d.endswith(".building"))
     stats = json.load(open(os.path.join(cache, folder, "stats.json")))
     assert finished and stats["records"] == args.lines, stats
-    print(f"cache build{' (resumed)' if args.kill_halfway else ''}: {stats['records']:,} records in {seconds:.0f} s = "
-          f"{args.lines / seconds:,.0f} lines/s; peak RSS of the building process {peak:.2f} GiB")
+    built = args.lines - 1_000_000 * done_before
+    print(f"cache build{f' (resumed: {done_before} parts reused)' if done_before else ''}: {stats['records']:,} records; "
+          f"{built:,} lines checked and written in {seconds:.0f} s = {built / seconds:,.0f} lines/s; peak RSS of a "
+          f"building process {peak:.2f} GiB")
     files = [os.path.join(cache, folder, name) for name in stats["parts"]]
     read_rate, pack_rate = pipeline_rate(files, args.batches, args.queries)
     need = 13334 / args.step_seconds

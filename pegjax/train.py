@@ -412,7 +412,8 @@ def _mine_training_data(config, encoder_of, starting_params, workdir, cache_dir)
         weights = starting_params()
         if jax.process_index() == 0:
             data = mine.from_beir(folder, split)
-            records, summary = mine.mine(data, mine.MiningConfig(negatives=config.data.hard_negatives, seed=config.seed),
+            negatives = config.data.mine_negatives or config.data.hard_negatives
+            records, summary = mine.mine(data, mine.MiningConfig(negatives=negatives, seed=config.seed),
                                          encoder_of(weights), cache_dir=cache_dir)
             mine.write(records, summary, out)
             logging.warning("mined hard negatives for %d queries into %s", len(records), out)
