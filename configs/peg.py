@@ -5,6 +5,9 @@
     base    the same recipe sized for one 8-GPU host (2,048 queries x 6 per step)
     demo    all-MiniLM-L6-v2 on SciFact train, 5 hard negatives mined per query and 3 drawn a step,
             a few minutes on a laptop CPU, SciFact test evaluated before and after
+    mixture two sources, one per global batch drawn by weight: medical_zh question-answer pairs
+            and STS-B triples (../shared/data), e5 prompts; give the model with
+            --config.model.path (e.g. a multilingual-e5-small folder)
 
 Any key can be overridden on the command line: ``--config.train.steps=100``. The config is
 locked: a misspelled key fails before any work.
@@ -22,9 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.path = ""  # Hugging Face BERT folder to start from ("" with model.random_init)
+    c.model.path = ""  # Hugging Face folder (bert, roberta, xlm-roberta) to start from ("" with model.random_init)
     c.model.random_init = ml_collections.ConfigDict()  # BertConfig fields, used when path == ""
-    c.model.random_init.vocab_file = ""
+    c.model.random_init.vocab_file = ""  # a WordPiece vocab.txt, a tokenizer.json or a tokenizer folder
     c.model.random_init.hidden_size = 768
     c.model.random_init.num_hidden_layers = 12
     c.model.random_init.num_attention_heads = 12
@@ -45,7 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_extra_positives = 8  # other positives per query kept for false-negative masking
     c.data.query_length = 64
     c.data.passage_length = 256
-    c.data.query_prefix = ""  # prepended to every query (when a line has no "prompt")
+    c.data.query_prompt = ""  # prepended to every query (when a line has no "prompt"), e.g. "query: " (e5)
+    c.data.passage_prompt = ""  # prepended to every passage, e.g. "passage: " (e5); bge: none
+    # Several sources: name -> dict(files=..., weight=1.0, query_prompt=..., passage_prompt=...)
+    # (prompts default to the two above); set in a config file, see the "mixture" variant.
+    # Empty: data.train_files is the one source.
+    c.data.sources = ml_collections.ConfigDict()
+    c.data.homogeneous_batches = False  # True: every global batch from one source, drawn by weight
     c.data.workers = 0  # tokenizer worker processes (0: in the training process)
     c.data.packing = True  # pack several texts into each row (False: one text a row, padded)
 
@@ -67,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.query_block = 16
     c.loss.query_negatives = False
     c.loss.margin = -1.0  # mask negatives above positive + margin (cosine); < 0: off
+    # Distillation from teacher scores (pos_scores / neg_scores of the lines): KL(teacher || student)
+    # over each query's own group; 0: off.
+    c.loss.teacher_weight = 0.0
+    c.loss.teacher_temperature = 1.0
 
     c.progressive = ml_collections.ConfigDict()
     c.progressive.query_weight = "outlier_downweight"
@@ -123,7 +136,33 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
             "scifact": ml_collections.ConfigDict(dict(task=os.path.join(shared, "scifact") + ":test", log_steps=0, k=[10, 100],
                                                       batch_size=64)),
         })
+    elif variant == "mixture":
+        shared = os.environ.get("PEGJAX_SHARED_DATA", os.path.join(os.path.dirname(_REPO), "shared", "data"))
+        c.model.pooling = "mean"
+        c.model.dtype = "float32"
+        c.data.query_prompt = "query: "
+        c.data.passage_prompt = "passage: "
+        c.data.hard_negatives = 3
+        c.data.too_few_negatives = "fill"  # the medical pairs bring no negatives: drawn from other answers
+        c.data.query_length = 64
+        c.data.passage_length = 128
+        c.data.homogeneous_batches = True
+        c.data.sources = ml_collections.ConfigDict({
+            "medical_zh": ml_collections.ConfigDict(dict(
+                files=os.path.join(shared, "medical_zh", "train_pairs.jsonl"), weight=2.0)),
+            "stsb_zh": ml_collections.ConfigDict(dict(
+                files=os.path.join(shared, "stsb_zh_triples", "bge_finetune_data.jsonl"), weight=1.0,
+                query_prompt="query: ", passage_prompt="query: ")),  # symmetric similarity: both sides "query: "
+        })
+        c.train.queries_per_step = 32
+        c.train.steps = 200
+        c.train.encode_chunk = 16
+        c.loss.temperature = 0.05
+        c.loss.query_block = 32
+        c.progressive.beta.steps = c.progressive.gamma.steps = 200
+        c.optimizer.learning_rate = ml_collections.ConfigDict(dict(peak=2e-5, warmup_steps=20, decay="linear", end_fraction=0.0))
+        c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     else:
-        raise ValueError(f"unknown variant {variant!r} of configs/peg.py: use paper, base or demo")
+        raise ValueError(f"unknown variant {variant!r} of configs/peg.py: use paper, base, demo or mixture")
     c.lock()
     return c

@@ -58,3 +58,36 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_model(checkpoint: str):
+    """``WORKDIR`` (latest step) or ``WORKDIR/checkpoints/STEP`` or ``WORKDIR/STEP`` ->
+    (config, step, EmbeddingModel, params as numpy, tokenizer)."""
+    import os
+
+    import jax
+    import ml_collections
+
+    from pegjax import sharding
+    from pegjax.errors import ConfigError
+    from pegjax.models.build import build_model
+    from pegjax.step import optimizer_and_schedules, state_layout
+
+    path = os.path.abspath(checkpoint.rstrip("/"))
+    step = None
+    if os.path.basename(path).isdigit():
+        step, path = int(os.path.basename(path)), os.path.dirname(path)
+    directory = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{checkpoint}: no checkpoints folder; pass a training workdir or WORKDIR/STEP")
+    checkpoints = Checkpoints(directory, keep=1_000_000, async_save=False)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None or step not in checkpoints.manager.all_steps():
+        raise ConfigError(f"{checkpoint}: no checkpoint at step {step}; have {checkpoints.manager.all_steps()}")
+    config = ml_collections.ConfigDict(checkpoints.restore_config(step))
+    model, _, tokenizer = build_model(config)
+    tx, _ = optimizer_and_schedules(config)
+    abstract, _ = state_layout(model, tx, sharding.make_mesh({"data": -1}))
+    state, _ = checkpoints.restore(step, abstract)
+    checkpoints.close()
+    return config, step, model, jax.device_get(state.params), tokenizer

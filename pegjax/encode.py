@@ -16,6 +16,7 @@ first ``max_length`` tokens (as sentence-transformers does).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from functools import partial
@@ -33,7 +34,7 @@ _PROGRESS_MIN_TEXTS = 2048
 class Encoder:
     """An embedding model ready to encode: architecture + pooling, params, tokenizer."""
 
-    def __init__(self, model: EmbeddingModel, params, tokenizer, max_length: int):
+    def __init__(self, model: EmbeddingModel, params, tokenizer, max_length: int, prompts: dict | None = None):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         self.model = model
@@ -43,7 +44,9 @@ class Encoder:
         self._rows = NamedSharding(mesh, PartitionSpec("rows"))
         self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.tokenizer = tokenizer
-        self.max_length = min(max_length, model.config.max_position_embeddings)
+        # Named prompts, as sentence-transformers keeps them: "query" and "document" (passages).
+        self.prompts = dict(prompts or {})
+        self.max_length = min(max_length, model.config.max_length)
         # Pooled without normalisation: one compiled function serves both settings.
         self._embed = jax.jit(partial(_embed_unnormalized, model))
 
@@ -66,24 +69,14 @@ class Encoder:
         config, params = hf.load(path, allow_pickle=allow_pickle)
         folder_pooling, folder_normalize = hf.read_pooling(path)
         if max_length is None:
-            max_length = _folder_max_length(path) or config.max_position_embeddings
+            max_length = _folder_max_length(path) or config.max_length
         model = EmbeddingModel(
             config,
             pooling=pooling or folder_pooling or "cls",
             normalize=normalize if normalize is not None else (folder_normalize is not False),
             dtype=dtype,
         )
-        return cls(model, params, load_tokenizer(path), max_length)
-
-    def save_pretrained(self, folder: str, **card) -> None:
-        """Writes a model folder that transformers and sentence-transformers load as is (see
-        `pegjax.export`); ``card``: query_prompt, passage_prompt, training, results."""
-        from pegjax.export import write_model_folder
-
-        write_model_folder(
-            folder, self.model.config, jax.device_get(self.params), self.tokenizer,
-            pooling=self.model.pooling, normalize=self.model.normalize, max_length=self.max_length, **card,
-        )
+        return cls(model, params, load_tokenizer(path), max_length, prompts=_folder_prompts(path))
 
     @property
     def dimension(self) -> int:
@@ -96,14 +89,24 @@ class Encoder:
         max_length: int | None = None,
         normalize: bool | None = None,
         show_progress: bool | None = None,
+        prompt: str = "",
+        prompt_name: str | None = None,
     ) -> np.ndarray:
         """texts -> [len(texts), D] float32 embeddings, in input order.
 
-        normalize: None keeps the model's setting. show_progress: None shows a bar for long inputs.
+        prompt: prepended to every text; prompt_name: one of ``self.prompts`` ("query",
+        "document") instead. normalize: None keeps the model's setting. show_progress: None shows
+        a bar for long inputs.
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text as [text]")
-        max_length = min(max_length or self.max_length, self.model.config.max_position_embeddings)
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise KeyError(f"prompt_name={prompt_name!r}: this encoder's prompts are {sorted(self.prompts) or 'none'}")
+            prompt = self.prompts[prompt_name]
+        if prompt:
+            texts = [prompt + t for t in texts]
+        max_length = min(max_length or self.max_length, self.model.config.max_length)
         normalize = self.model.normalize if normalize is None else normalize
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if not texts:
@@ -144,9 +147,55 @@ def _embed_unnormalized(model: EmbeddingModel, params, input_ids, attention_mask
     return dataclasses.replace(model, normalize=False).embed(params, input_ids, attention_mask)
 
 
+def _folder_prompts(path: str) -> dict:
+    """The named prompts of a sentence-transformers folder (``config_sentence_transformers.json``);
+    "passage" is read as "document"."""
+    config_path = os.path.join(path, "config_sentence_transformers.json")
+    if not os.path.isfile(config_path):
+        return {}
+    with open(config_path, encoding="utf-8") as f:
+        prompts = json.load(f).get("prompts") or {}
+    if "passage" in prompts and "document" not in prompts:
+        prompts["document"] = prompts["passage"]
+    return {name: text for name, text in prompts.items() if text}
+
+
 def _folder_max_length(path: str) -> int | None:
     config_path = os.path.join(path, "sentence_bert_config.json")
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
             return json.load(f).get("max_seq_length")
     return None
+
+
+def encoded_corpus(encoder, texts: list[str], cache_dir: str | None, batch_size: int, block: int = 65536):
+    """[N, D] float32 corpus embeddings, encoded ``block`` texts at a time; with ``cache_dir``,
+    written to (and next time read from) a memory-mapped file keyed by model and texts."""
+    dim = encoder.dimension
+    if not cache_dir:
+        return encoder.encode(texts, batch_size=batch_size, show_progress=len(texts) > 2048)
+    digest = hashlib.sha1()
+    digest.update(repr((encoder.model, encoder.max_length)).encode())
+    for leaf in _leaves(encoder.params):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    for text in texts:
+        digest.update(hashlib.sha1(text.encode()).digest())
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"corpus-{digest.hexdigest()[:20]}-{len(texts)}x{dim}.f32")
+    if os.path.isfile(path):
+        return np.memmap(path, dtype=np.float32, mode="r", shape=(len(texts), dim))
+    partial = path + ".partial"
+    out = np.memmap(partial, dtype=np.float32, mode="w+", shape=(len(texts), dim))
+    for start in range(0, len(texts), block):
+        out[start : start + block] = encoder.encode(texts[start : start + block], batch_size=batch_size,
+                                                    show_progress=len(texts) > 2048)
+    out.flush()
+    del out
+    os.replace(partial, path)  # a half-written cache never looks complete
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(len(texts), dim))
+
+
+def _leaves(params):
+    import jax
+
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(params))]

@@ -22,24 +22,30 @@ from pegjax.data.retrieval import RetrievalData
 TABLE_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@10")
 
 
-def retrieve(encoder, data: RetrievalData, k: int, query_instruction: str = "", batch_size: int = 64,
-             query_max_length: int | None = None, passage_max_length: int | None = None,
+def retrieve(encoder, data: RetrievalData, k: int, query_prompt: str | None = None, passage_prompt: str | None = None,
+             batch_size: int = 64, query_max_length: int | None = None, passage_max_length: int | None = None,
              progress: bool | None = None, corpus_cache_dir: str | None = None) -> dict[str, dict[str, float]]:
     """The top-k corpus documents of every query: {query_id: {doc_id: score}}.
 
+    ``query_prompt`` / ``passage_prompt``: prepended to every query / passage; None takes the
+    encoder's own (``encoder.prompts``, e.g. e5's "query: " / "passage: "), else none.
     ``corpus_cache_dir``: reuse (or write) the corpus embeddings cached by model and texts, as
     mining does; used when the passage length is the encoder's own.
     """
     import jax
 
-    if corpus_cache_dir and passage_max_length in (None, encoder.max_length) and jax.process_count() == 1:
-        from pegjax.mine import encode_corpus
+    query_prompt = getattr(encoder, "prompts", {}).get("query", "") if query_prompt is None else query_prompt
+    passage_prompt = getattr(encoder, "prompts", {}).get("document", "") if passage_prompt is None else passage_prompt
+    corpus_texts = [passage_prompt + t for t in data.corpus_texts] if passage_prompt else data.corpus_texts
 
-        corpus = encode_corpus(encoder, data.corpus_texts, corpus_cache_dir, batch_size)
+    if corpus_cache_dir and passage_max_length in (None, encoder.max_length) and jax.process_count() == 1:
+        from pegjax.encode import encoded_corpus
+
+        corpus = encoded_corpus(encoder, corpus_texts, corpus_cache_dir, batch_size)
     else:  # with several processes, each encodes its block of the texts and all gather the rows
-        corpus = _encode_shared(encoder, data.corpus_texts, batch_size=batch_size, max_length=passage_max_length,
+        corpus = _encode_shared(encoder, corpus_texts, batch_size=batch_size, max_length=passage_max_length,
                                 show_progress=progress)
-    queries = _encode_shared(encoder, [query_instruction + q for q in data.query_texts], batch_size=batch_size,
+    queries = _encode_shared(encoder, [query_prompt + q for q in data.query_texts], batch_size=batch_size,
                              max_length=query_max_length, show_progress=progress)
     scores, index = search.top_k(queries, corpus, k)
     return {
@@ -75,7 +81,8 @@ def evaluate_tasks(encoder, specs: Iterable[str], data_dir: str | None = None,
             missing[spec] = str(err)
             continue
         args = dict(retrieve_args)
-        args.setdefault("query_instruction", task.query_instruction)
+        if args.get("query_prompt") is None and "query" not in getattr(encoder, "prompts", {}):
+            args["query_prompt"] = task.query_instruction  # a model's own prompt comes first
         result = evaluate_data(encoder, data, k_values, **args)
         result["split"] = task.split
         for name, count in result["warnings"].items():
@@ -95,7 +102,8 @@ def due(evals: Mapping[str, Mapping], step: int, final: bool = False) -> list[st
 def run_evals(encoder, evals: Mapping[str, Mapping], step: int, final: bool = False,
               data_dir: str | None = None, corpus_cache_dir: str | None = None) -> dict[str, dict]:
     """Runs the evals of ``config.evals`` due at ``step`` (big_vision style: each a named dict
-    ``{task, log_steps, k, query_instruction, query_max_length, passage_max_length, batch_size}``).
+    ``{task, log_steps, k, query_prompt, passage_prompt, query_max_length, passage_max_length,
+    batch_size}``).
 
     Returns {name: {metric: value}} for the evals run; a missing task is logged and skipped.
     """
@@ -143,7 +151,7 @@ def main(argv):
         encoder, FLAGS.task, data_dir=FLAGS.data_dir, k_values=[int(k) for k in FLAGS.k],
         batch_size=FLAGS.batch_size, query_max_length=FLAGS.query_max_length,
         passage_max_length=FLAGS.passage_max_length, progress=lead,
-        **({"query_instruction": FLAGS.query_instruction} if FLAGS.query_instruction is not None else {}),
+        query_prompt=FLAGS.query_prompt, passage_prompt=FLAGS.passage_prompt,
     )
     if not report["tasks"]:
         raise tasks.MissingTask("no task could be evaluated: " + "; ".join(report["missing"].values()))
@@ -166,7 +174,10 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 64, "Encoding batch size.")
     flags.DEFINE_integer("query_max_length", None, "Query max tokens (default: the model's).")
     flags.DEFINE_integer("passage_max_length", None, "Passage max tokens (default: the model's).")
-    flags.DEFINE_string("query_instruction", None, "Prefix added to every query (default: the task's, none).")
+    flags.DEFINE_string("query_prompt", None, "Prepended to every query (default: the model's query prompt, "
+                        "else the task's instruction, else none), e.g. 'query: ' for e5.")
+    flags.DEFINE_string("passage_prompt", None, "Prepended to every passage (default: the model's document "
+                        "prompt, else none), e.g. 'passage: ' for e5.")
     flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
     flags.DEFINE_string("output", None, "Write the results JSON here.")
     flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without SLURM/TPU).")

@@ -18,7 +18,6 @@ import os
 from typing import Mapping
 
 from pegjax.models import hf
-from pegjax.models.bert import BertConfig
 
 
 def _write_json(path: str, body) -> None:
@@ -28,24 +27,27 @@ def _write_json(path: str, body) -> None:
         f.write("\n")
 
 
-def write_model_folder(
+def save(
+    encoder,
     folder: str,
-    config: BertConfig,
-    params,
-    tokenizer,
-    pooling: str,
-    normalize: bool,
-    max_length: int,
-    query_prompt: str = "",
-    passage_prompt: str = "",
+    query_prompt: str | None = None,
+    passage_prompt: str | None = None,
     training: Mapping | None = None,
     results: Mapping | None = None,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> None:
-    """Writes the whole folder (see the module doc). ``params``: numpy or jax tree, float32."""
+    """Writes ``encoder`` (a `pegjax.encode.Encoder`) as the whole folder (see the module doc).
+    The prompts default to the encoder's own (``encoder.prompts``)."""
+    import jax
+
+    config, pooling, normalize = encoder.model.config, encoder.model.pooling, encoder.model.normalize
     if pooling not in ("cls", "mean"):
         raise ValueError(f"pooling={pooling!r}: exportable poolings are 'cls' and 'mean'")
-    hf.save(folder, config, params)
-    tokenizer.save_pretrained(folder)
+    query_prompt = encoder.prompts.get("query", "") if query_prompt is None else query_prompt
+    passage_prompt = encoder.prompts.get("document", "") if passage_prompt is None else passage_prompt
+    max_length = encoder.max_length
+    hf.save(folder, config, jax.device_get(encoder.params), max_shard_bytes=max_shard_bytes)
+    encoder.tokenizer.save_pretrained(folder)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -86,7 +88,7 @@ def model_card(config, pooling, normalize, max_length, prompts, training, result
         "",
         "# Text-embedding model trained with pegjax",
         "",
-        f"BERT encoder, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+        f"{hf.FAMILIES[config.model_type][0]} encoder, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
         f"{pooling.upper()} pooling{', L2-normalised' if normalize else ''}, max length {max_length} tokens.",
         "",
         "```python",
@@ -123,19 +125,19 @@ def main(argv):
         raise UserError("pass exactly one of --model=DIR or --checkpoint=WORKDIR[/STEP]")
     card = {"query_prompt": FLAGS.query_prompt, "passage_prompt": FLAGS.passage_prompt}
     if FLAGS.checkpoint:
-        from pegjax import train
-
-        config, step, model, params, tokenizer = train.restore_params(FLAGS.checkpoint)
         import dataclasses
 
+        from pegjax.checkpoint import restore_model
+
+        config, step, model, params, tokenizer = restore_model(FLAGS.checkpoint)
         model = dataclasses.replace(model, pooling=FLAGS.pooling or model.pooling,
                                     normalize=model.normalize if FLAGS.normalize is None else FLAGS.normalize)
-        encoder = Encoder(model, params, tokenizer, config.data.passage_length)
-        card.update(query_prompt=FLAGS.query_prompt or config.data.query_prefix,
-                    training=dict(config.to_dict(), exported_step=step))
+        encoder = Encoder(model, params, tokenizer, config.data.passage_length,
+                          prompts={"query": config.data.query_prompt, "document": config.data.passage_prompt})
+        card["training"] = dict(config.to_dict(), exported_step=step)
     else:
         encoder = Encoder.from_pretrained(FLAGS.model, pooling=FLAGS.pooling, normalize=FLAGS.normalize)
-    encoder.save_pretrained(FLAGS.out, **card)
+    save(encoder, FLAGS.out, **card)
     print(f"wrote {FLAGS.out} ({encoder.model.pooling} pooling, normalize={encoder.model.normalize})")
 
 
@@ -147,8 +149,10 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "Output folder.", required=True)
     flags.DEFINE_enum("pooling", None, ["cls", "mean"], "Override the pooling (default: the trained one).")
     flags.DEFINE_boolean("normalize", None, "Override normalisation (default: the trained one).")
-    flags.DEFINE_string("query_prompt", "", "Prompt prepended to queries (default: config.data.query_prefix).")
-    flags.DEFINE_string("passage_prompt", "", "Prompt prepended to passages.")
+    flags.DEFINE_string("query_prompt", None, "Prompt prepended to queries (default: the model's, or "
+                        "config.data.query_prompt of the checkpoint).")
+    flags.DEFINE_string("passage_prompt", None, "Prompt prepended to passages (default: the model's, or "
+                        "config.data.passage_prompt of the checkpoint).")
     from pegjax.errors import guarded
 
     app.run(guarded(main))

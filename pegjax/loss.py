@@ -75,6 +75,8 @@ class LossConfig:
     query_negatives: bool = False  # also score each query against the other queries
     margin: float | None = None  # mask negatives above positive + margin (cosine); None: off
     query_weight: str = "outlier_downweight"
+    teacher_weight: float = 0.0  # weight of the distillation term (`distillation`); 0: off
+    teacher_temperature: float = 1.0
 
     def __post_init__(self):
         if self.query_weight not in QUERY_WEIGHTS:
@@ -228,3 +230,28 @@ def contrastive_loss(
         "query_weight_min": jnp.where(valid, weights, jnp.inf).min(),
     }
     return loss, metrics
+
+
+def distillation(queries, passages, teacher_scores, temperature: float, teacher_temperature: float, valid=None):
+    """KL(teacher || student) over each query's own group, averaged over the real queries.
+
+    The teacher's distribution is softmax(teacher_scores / teacher_temperature) over the query's
+    1 + H passages (its positive and its hard negatives), the student's softmax(cos / temperature)
+    over the same passages, as FlagEmbedding distils reranker scores (there as the cross entropy,
+    which differs from the KL by the teacher's entropy, a constant: same gradient).
+
+    Args:
+      queries: [Q, D] float32, L2-normalised; passages: [Q * G, D], query i's group at rows
+        i*G .. i*G + G - 1.
+      teacher_scores: [Q, G] float32.
+      valid: [Q] bool, false for padding queries.
+    Returns: scalar float32.
+    """
+    num_queries, group = teacher_scores.shape
+    groups = passages.reshape(num_queries, group, -1)
+    student = jax.nn.log_softmax(jnp.einsum("qd,qgd->qg", queries, groups, preferred_element_type=jnp.float32)
+                                 / temperature, axis=-1)
+    teacher = jax.nn.log_softmax(teacher_scores.astype(jnp.float32) / teacher_temperature, axis=-1)
+    kl = (jnp.exp(teacher) * (teacher - student)).sum(-1)
+    real = jnp.ones((num_queries,), bool) if valid is None else valid.astype(bool)
+    return jnp.where(real, kl, 0.0).sum() / jnp.maximum(real.sum(), 1)

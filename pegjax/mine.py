@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from pegjax import search
+from pegjax.encode import encoded_corpus
 from pegjax.data.jsonl import DataError, lines, objects, titled_text  # noqa: F401  (DataError: part of this module's API)
 from pegjax.data.retrieval import load_beir
 from pegjax.data.training import parse_line
@@ -87,39 +88,6 @@ def from_pairs(path: str, corpus_path: str | None = None) -> MiningInput:
     return MiningInput(queries, positives, corpus)
 
 
-def encode_corpus(encoder, texts: list[str], cache_dir: str | None, batch_size: int, block: int = 65536):
-    """[N, D] float32 corpus embeddings, encoded ``block`` texts at a time; with ``cache_dir``,
-    written to (and next time read from) a memory-mapped file keyed by model and texts."""
-    dim = encoder.dimension
-    if not cache_dir:
-        return encoder.encode(texts, batch_size=batch_size, show_progress=len(texts) > 2048)
-    digest = hashlib.sha1()
-    digest.update(repr((encoder.model, encoder.max_length)).encode())
-    for leaf in _leaves(encoder.params):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    for text in texts:
-        digest.update(_text_key(text).encode())
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"corpus-{digest.hexdigest()[:20]}-{len(texts)}x{dim}.f32")
-    if os.path.isfile(path):
-        return np.memmap(path, dtype=np.float32, mode="r", shape=(len(texts), dim))
-    partial = path + ".partial"
-    out = np.memmap(partial, dtype=np.float32, mode="w+", shape=(len(texts), dim))
-    for start in range(0, len(texts), block):
-        out[start : start + block] = encoder.encode(texts[start : start + block], batch_size=batch_size,
-                                                    show_progress=len(texts) > 2048)
-    out.flush()
-    del out
-    os.replace(partial, path)  # a half-written cache never looks complete
-    return np.memmap(path, dtype=np.float32, mode="r", shape=(len(texts), dim))
-
-
-def _leaves(params):
-    import jax
-
-    return [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(params))]
-
-
 def select(ranked_rows, ranked_scores, positive_rows, positive_keys, corpus_keys, lowest_positive, config, rng):
     """One query's negatives -> (rows, scores, counts of what was dropped)."""
     window, dropped = [], {"margin": 0}
@@ -148,7 +116,9 @@ def select(ranked_rows, ranked_scores, positive_rows, positive_keys, corpus_keys
 
 def mine(data: MiningInput, config: MiningConfig, encoder=None, candidates: str = "dense",
          cache_dir: str | None = None, batch_size: int = 64):
-    """-> (records in FlagEmbedding layout, summary dict)."""
+    """-> (records in FlagEmbedding layout, summary dict). The encoder's prompts
+    (``encoder.prompts``: "query", "document") are prepended when it encodes; the records hold the
+    texts without them (training adds its own)."""
     corpus_keys = [_text_key(t) for t in data.corpus_texts]
     depth = config.rank_end + max(len(p) for p in data.positives) if data.positives else config.rank_end
     if candidates not in ("dense", "bm25"):
@@ -157,8 +127,11 @@ def mine(data: MiningInput, config: MiningConfig, encoder=None, candidates: str 
         raise ValueError("dense mining needs --model; use --candidates=bm25 for a model that is not trained yet")
     corpus_emb = query_emb = None
     if encoder is not None:
-        corpus_emb = encode_corpus(encoder, data.corpus_texts, cache_dir, batch_size)
-        query_emb = encoder.encode(data.query_texts, batch_size=batch_size, show_progress=len(data.query_texts) > 2048)
+        passage_prompt = encoder.prompts.get("document", "")
+        corpus_texts = [passage_prompt + t for t in data.corpus_texts] if passage_prompt else data.corpus_texts
+        corpus_emb = encoded_corpus(encoder, corpus_texts, cache_dir, batch_size)
+        query_emb = encoder.encode(data.query_texts, batch_size=batch_size, show_progress=len(data.query_texts) > 2048,
+                                   prompt=encoder.prompts.get("query", ""))
     if candidates == "dense":
         scores, rows = search.Index(corpus_emb).search(query_emb, depth, progress=len(data.query_texts) > 2048)
         positive_scores = [[float(query_emb[i] @ corpus_emb[r]) for r in pos] for i, pos in enumerate(data.positives)]
@@ -249,6 +222,9 @@ def main(argv):
         from pegjax.encode import Encoder
 
         encoder = Encoder.from_pretrained(FLAGS.model, max_length=FLAGS.max_length)
+        for name, prompt in (("query", FLAGS.query_prompt), ("document", FLAGS.passage_prompt)):
+            if prompt is not None:
+                encoder.prompts[name] = prompt
     config = MiningConfig(negatives=FLAGS.negatives, rank_start=FLAGS.rank_start, rank_end=FLAGS.rank_end,
                           drop_above_positive=FLAGS.drop_above_positive, absolute_margin=FLAGS.absolute_margin,
                           relative_margin=FLAGS.relative_margin, seed=FLAGS.seed)
@@ -276,6 +252,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("cache_dir", None, "Cache corpus embeddings here (memory-mapped).")
     flags.DEFINE_integer("batch_size", 64, "Encoding batch size.")
     flags.DEFINE_integer("max_length", None, "Max tokens (default: the model's).")
+    flags.DEFINE_string("query_prompt", None, "Prepended to queries when encoding (default: the model's), e.g. 'query: '.")
+    flags.DEFINE_string("passage_prompt", None, "Prepended to passages when encoding (default: the model's), e.g. 'passage: '.")
     from pegjax.errors import guarded
 
     app.run(guarded(main))

@@ -5,8 +5,9 @@
     model = MtebEncoder.from_pretrained("path/to/model")
     mteb.evaluate(model, mteb.get_tasks(tasks=["T2Retrieval"]))
 
-Queries get ``query_instruction`` prepended (none by default, as PEG evaluates); passages are
-encoded as they are. Similarity is cosine (embeddings are L2-normalised).
+Queries get ``query_instruction`` prepended, else the model's own query prompt (none by default,
+as PEG evaluates); passages get the model's document prompt, if it has one (e5: "passage: ").
+Similarity is cosine (embeddings are L2-normalised).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class MtebEncoder(AbsEncoder):
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
-        if prompt_type == PromptType.query and self.query_instruction:
-            texts = [self.query_instruction + t for t in texts]
-        return self.encoder.encode(texts, batch_size=self.batch_size, normalize=True)
+        if prompt_type == PromptType.query:
+            prompt = self.query_instruction or self.encoder.prompts.get("query", "")
+        else:
+            prompt = self.encoder.prompts.get("document", "")
+        return self.encoder.encode(texts, batch_size=self.batch_size, normalize=True, prompt=prompt)

@@ -41,13 +41,13 @@ import optax
 from flax import linen as nn
 from jax import lax
 
-from pegjax import sharding
+from pegjax import schedules, sharding
 from pegjax.data.packing import RowGeometry, chunked_rows
-from pegjax.loss import LossConfig, contrastive_loss
+from pegjax.loss import LossConfig, contrastive_loss, distillation
 from pegjax.models.bert import EmbeddingModel
 
 BATCH_KEYS = ("query_tokens", "query_segments", "query_slots", "passage_tokens", "passage_segments", "passage_slots",
-              "passage_hashes", "positive_hashes", "query_hashes", "query_valid")
+              "passage_hashes", "positive_hashes", "query_hashes", "query_valid", "teacher_scores")
 
 
 @flax.struct.dataclass
@@ -81,6 +81,17 @@ def make_optimizer(learning_rate: Callable, weight_decay: float = 0.01, clip_nor
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+def optimizer_and_schedules(config):
+    """(optax AdamW, {"beta", "gamma", "learning_rate"} schedules) of a config."""
+    lr = schedules.learning_rate(config.optimizer.learning_rate, config.train.steps)
+    knobs = {
+        "beta": schedules.knob(config.progressive.beta, "beta"),
+        "gamma": schedules.knob(config.progressive.gamma, "gamma"),
+        "learning_rate": lr,
+    }
+    return make_optimizer(lr, config.optimizer.weight_decay, config.optimizer.clip_norm or None), knobs
 
 
 def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots, slots: int, max_chunk: int,
@@ -167,6 +178,11 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
         valid=batch["query_valid"] > 0,
         query_hashes=batch["query_hashes"],
     )
+    if config.loss.teacher_weight > 0:
+        kl = distillation(queries, passages, batch["teacher_scores"], config.loss.temperature,
+                          config.loss.teacher_temperature, valid=batch["query_valid"] > 0)
+        loss = loss + config.loss.teacher_weight * kl
+        metrics.update(loss=loss, distillation_kl=kl)
     real = sum((batch[k] > 0).sum() for k in ("query_segments", "passage_segments"))
     positions = batch["query_segments"].size + batch["passage_segments"].size
     metrics.update(real_tokens=real.astype(jnp.float32), real_token_fraction=real / positions)
@@ -254,8 +270,9 @@ def create_state(model: EmbeddingModel, tx, mesh, seed: int, params=None):
 
 
 def batch_shardings(mesh) -> dict:
-    return {key: sharding.batch_sharding(mesh, 2 if key.endswith(("tokens", "segments")) or key == "positive_hashes" else 1)
-            for key in BATCH_KEYS}
+    two_dimensional = ("query_tokens", "query_segments", "passage_tokens", "passage_segments", "positive_hashes",
+                       "teacher_scores")
+    return {key: sharding.batch_sharding(mesh, 2 if key in two_dimensional else 1) for key in BATCH_KEYS}
 
 
 def jit_train_step(config: StepConfig, tx, schedules: dict, mesh, state_sharding):
@@ -296,8 +313,10 @@ def abstract_batch(mesh, queries: RowGeometry, passages: RowGeometry, group: int
         "positive_hashes": (shards * queries.texts, extra_positives),
         "query_hashes": (shards * queries.texts,),
         "query_valid": (shards * queries.texts,),
+        "teacher_scores": (shards * queries.texts, group),
     }
     if passages.texts != queries.texts * group:
         raise ValueError(f"{passages.texts} passages per shard for {queries.texts} queries x group {group}")
     shardings = batch_shardings(mesh)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shardings[k]) for k, shape in shapes.items()}
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "teacher_scores" else jnp.int32, sharding=shardings[k])
+            for k, shape in shapes.items()}

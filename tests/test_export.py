@@ -13,7 +13,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel
 
-from pegjax import sharding
+from pegjax import export, sharding
 from pegjax.data import packing
 from pegjax.data.tokenizer import pad_batch, tokenize
 from pegjax.encode import Encoder
@@ -50,7 +50,7 @@ def test_exported_model_embeds_identically_in_sentence_transformers_and_transfor
     start = Encoder.from_pretrained(minilm_path, pooling=pooling, max_length=128)
     trained = train_a_few_steps(start, mixed_texts)
     folder = str(tmp_path / "exported")
-    trained.save_pretrained(folder, query_prompt="query: ", results={"scifact": {"ndcg@10": 0.5}})
+    export.save(trained, folder, query_prompt="query: ", results={"scifact": {"ndcg@10": 0.5}})
     texts = mixed_texts[:60]
     ours = trained.encode(texts)
     assert np.abs(ours - start.encode(texts)).max() > 1e-3  # training moved the weights

@@ -11,6 +11,7 @@ import torch
 from flax import linen as nn
 from transformers import BertModel
 
+from pegjax import export
 from pegjax.data.tokenizer import load_tokenizer, tokenize
 from pegjax.encode import Encoder
 from pegjax.models import hf
@@ -32,7 +33,7 @@ def chinese_folder(tmp_path_factory, chinese_tokenizer):
     params = nn.unbox(model.init(jax.random.key(0)))
     encoder = Encoder(model, params, chinese_tokenizer, max_length=128)
     folder = str(tmp_path_factory.mktemp("chinese"))
-    encoder.save_pretrained(folder)
+    export.save(encoder, folder)
     return encoder, folder
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from pegjax import bm25, mine
+from pegjax import bm25, export, mine
 from pegjax.encode import Encoder
 from pegjax.models.bert import BertConfig, EmbeddingModel
 
@@ -73,7 +73,7 @@ def test_medical_zh_pairs_mine_end_to_end_with_bm25_and_a_chinese_model(shared_d
     model = EmbeddingModel(config, pooling="cls")
     tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
     folder = str(tmp_path / "zh")
-    Encoder(model, nn.unbox(model.init(jax.random.key(0))), tokenizer, max_length=128).save_pretrained(folder)
+    export.save(Encoder(model, nn.unbox(model.init(jax.random.key(0))), tokenizer, max_length=128), folder)
     pairs = tmp_path / "pairs.jsonl"
     with open(shared_data / "medical_zh" / "train_pairs.jsonl", encoding="utf-8") as src, open(pairs, "w", encoding="utf-8") as dst:
         for line, _ in zip(src, range(600)):

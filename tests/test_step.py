@@ -274,3 +274,51 @@ def test_padding_rows_are_invisible_to_loss_and_gradient(model_and_params, packe
     assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
     assert gradient_error(grad, want_grad) <= 1e-5
     assert float(metrics["real_tokens"]) == texts["query_mask"].sum() + texts["passage_mask"].sum()
+
+
+def dense_distillation(queries, passages, teacher_scores, tau, teacher_tau):
+    """KL(teacher || student) of each query's own group, written plainly, averaged."""
+    total = 0.0
+    for i in range(queries.shape[0]):
+        student = jax.nn.log_softmax(passages[i * GROUP:(i + 1) * GROUP] @ queries[i] / tau)
+        teacher = jax.nn.softmax(jnp.asarray(teacher_scores[i]) / teacher_tau)
+        total += (teacher * (jnp.log(teacher) - student)).sum()
+    return total / queries.shape[0]
+
+
+def test_teacher_term_equals_the_dense_kl_and_is_absent_at_weight_zero(model_and_params):
+    """The distillation term on an 8-device mesh: loss and gradient of the contrastive loss plus
+    weight x the plain per-query KL; at weight 0 the loss is the contrastive loss, bit for bit."""
+    model, params = model_and_params
+    texts = make_batch(2)
+    texts["teacher_scores"] = np.random.default_rng(5).normal(size=(QUERIES, GROUP)).astype(np.float32) * 3
+    weight, teacher_tau, tau = 0.7, 0.5, 0.05
+    mesh = sharding.make_mesh({"data": 8})
+    batch, slots = as_step_batch(texts, sharding.batch_shards(mesh), max_chunk=2)
+
+    def step_loss(loss_config):
+        config = StepConfig(model=model, loss=loss_config, dropout=False, **slots)
+        fn = jax.jit(jax.value_and_grad(lambda p, b: loss_and_metrics(p, b, BETA, GAMMA, None, config, mesh), has_aux=True))
+        return fn(params, batch)
+
+    plain = LossConfig(group_size=GROUP, temperature=tau, query_block=1)
+    (without, _), _ = step_loss(plain)
+    (at_zero, _), _ = step_loss(LossConfig(group_size=GROUP, temperature=tau, query_block=1, teacher_weight=0.0,
+                                           teacher_temperature=teacher_tau))
+    assert float(at_zero) == float(without)
+    (loss, metrics), grad = step_loss(LossConfig(group_size=GROUP, temperature=tau, query_block=1,
+                                                 teacher_weight=weight, teacher_temperature=teacher_tau))
+
+    def reference(params):
+        queries = model.embed(params, texts["query_ids"], texts["query_mask"])
+        passages = model.embed(params, texts["passage_ids"], texts["passage_mask"])
+        contrastive = dense_reference_loss(queries, passages, texts["passage_hashes"], texts["positive_hashes"],
+                                           BETA, GAMMA, GROUP, tau)
+        kl = dense_distillation(queries, passages, texts["teacher_scores"], tau, teacher_tau)
+        return contrastive + weight * kl, kl
+
+    (want, want_kl), want_grad = jax.value_and_grad(reference, has_aux=True)(params)
+    assert abs(float(metrics["distillation_kl"]) - float(want_kl)) <= 1e-6 * max(1.0, abs(float(want_kl)))
+    assert abs(float(loss) - float(want)) <= 1e-6 * max(1.0, abs(float(want)))
+    assert float(want_kl) > 0.1  # the teacher disagrees with the random student: the term is not idle
+    assert gradient_error(grad, want_grad) <= 1e-5

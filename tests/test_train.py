@@ -223,7 +223,7 @@ def test_misspelled_config_key_fails_before_any_work(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_prompt_or_query_prefix_is_prepended(tmp_path, shared_data):
+def test_line_prompt_or_config_prompts_are_prepended(tmp_path, shared_data):
     from configs.peg import base_config
     from pegjax.data.tokenizer import load_tokenizer
 
@@ -236,11 +236,16 @@ def test_prompt_or_query_prefix_is_prepended(tmp_path, shared_data):
     config = base_config()
     config.train.queries_per_step = 2
     config.data.query_length = config.data.passage_length = 12
-    config.data.query_prefix = "查询："
+    config.data.query_prompt = "查询："
+    config.data.passage_prompt = "段落："
     batch = next(iter(training.pipeline(record_files, tokenizer, config, seed=0)))
-    queries = sorted(tokenizer.decode(ids[mask > 0], skip_special_tokens=True).replace(" ", "")
-                     for ids, mask in zip(batch["query_ids"], batch["query_mask"]))
+    decode = lambda ids, mask: tokenizer.decode(ids[mask > 0], skip_special_tokens=True).replace(" ", "")  # noqa: E731
+    queries = sorted(decode(ids, mask) for ids, mask in zip(batch["query_ids"], batch["query_mask"]))
     assert queries == sorted(["问：高血压", "查询：高血压"])
+    passages = {decode(ids, mask) for ids, mask in zip(batch["passage_ids"].reshape(-1, 12), batch["passage_mask"].reshape(-1, 12))}
+    assert passages == {"段落：正例"} | {f"段落：{n}" for n in negatives}
+    # The hashes that mask false negatives are of the texts themselves, prompt or not.
+    assert training.text_hash("正例") in batch["passage_hashes"][:, 0]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

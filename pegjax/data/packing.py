@@ -149,7 +149,8 @@ def step_batch(texts: dict, shards: int, queries: RowGeometry, passages: RowGeom
 
     texts: query_ids / query_mask [Q, Lq], passage_ids / passage_mask [P, Lp] int32 (P = Q * G,
     query i's passages contiguous), passage_hashes [P], positive_hashes [Q, M], optionally
-    query_hashes [Q] and query_valid [Q] (0: a padding query, no tokens); the rows of ``shards`` batch shards in order.
+    query_hashes [Q], query_valid [Q] (0: a padding query, no tokens) and teacher_scores [Q, G];
+    the rows of ``shards`` batch shards in order.
     Raises DoesNotFit when a shard's texts need more rows.
     """
     query_tokens, query_segments, query_slots = pack_shards(texts["query_ids"], texts["query_mask"], shards, queries, pad_id)
@@ -162,4 +163,6 @@ def step_batch(texts: dict, shards: int, queries: RowGeometry, passages: RowGeom
         "positive_hashes": np.asarray(texts["positive_hashes"], np.int32),
         "query_hashes": np.asarray(texts.get("query_hashes", np.zeros(len(texts["query_ids"]))), np.int32),
         "query_valid": np.asarray(texts.get("query_valid", np.ones(len(texts["query_ids"]))), np.int32),
+        "teacher_scores": np.asarray(texts.get("teacher_scores", np.zeros(
+            (len(texts["query_ids"]), len(texts["passage_ids"]) // max(len(texts["query_ids"]), 1)))), np.float32),
     }

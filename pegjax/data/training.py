@@ -1,8 +1,9 @@
 """Training data: FlagEmbedding JSONL -> checked records in an ArrayRecord cache -> grain batches.
 
 Input: one JSON object a line, ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with
-optional ``prompt`` (prepended to the query; lines without one get ``config.data.query_prefix``), ``pos_scores`` / ``neg_scores`` (lists of numbers);
-one file or many, plain or ``.gz``. Every line is checked (valid UTF-8, valid JSON, non-empty
+optional ``prompt`` (prepended to the query; lines without one get the source's query prompt), and
+``pos_scores`` / ``neg_scores`` (one number per positive / negative: a teacher's scores, written by
+``pegjax.mine`` or any reranker; used by the distillation term); one file or many, plain or ``.gz``. Every line is checked (valid UTF-8, valid JSON, non-empty
 query, non-empty list of non-empty positive strings, negatives strings). A bad line is an error
 naming file and line, or with ``on_bad_line="skip"`` it is left out and counted by reason; the
 counts are reported and stored with the cache.
@@ -17,6 +18,7 @@ masking. Its iterator state is saved in checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -30,7 +32,7 @@ import numpy as np
 from pegjax.data.jsonl import DataError, decode_object, lines
 from pegjax.data.packing import DoesNotFit, RowGeometry, chunked_rows, estimate_geometry, pack_shards
 
-FORMAT_VERSION = "4"
+FORMAT_VERSION = "5"
 
 
 def text_hash(text: str) -> int:
@@ -38,8 +40,20 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "little") & 0x7FFFFFFF or 1
 
 
+def _scores(item: dict, key: str, texts: list, where: str):
+    scores = item.get(key)
+    if scores is None:
+        return None
+    if (not isinstance(scores, list) or len(scores) != len(texts)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in scores)):
+        raise DataError(f"{where}: '{key}' must be a list of {len(texts)} finite numbers, one per "
+                        f"'{key.split('_')[0]}' entry (bad_scores)")
+    return [float(x) for x in scores]
+
+
 def parse_line(raw: bytes, where: str) -> dict:
-    """One input line -> {"query", "prompt", "pos", "neg", "source"}; DataError naming ``where``."""
+    """One input line -> {"query", "prompt", "pos", "neg", "pos_scores", "neg_scores", "source"};
+    DataError naming ``where``."""
     item = decode_object(raw, where)
     query = item.get("query")
     if not isinstance(query, str) or not query.strip():
@@ -55,7 +69,11 @@ def parse_line(raw: bytes, where: str) -> dict:
     prompt = item.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise DataError(f"{where}: 'prompt' must be a string (bad_prompt)")
-    return {"query": query, "prompt": prompt, "pos": positives, "neg": negatives, "source": where}
+    pos_scores, neg_scores = _scores(item, "pos_scores", positives, where), _scores(item, "neg_scores", negatives, where)
+    if (pos_scores is None) != (neg_scores is None) and negatives:
+        raise DataError(f"{where}: give both 'pos_scores' and 'neg_scores', or neither (bad_scores)")
+    return {"query": query, "prompt": prompt, "pos": positives, "neg": negatives, "pos_scores": pos_scores,
+            "neg_scores": neg_scores, "source": where}
 
 
 def _checked(read, on_bad_line: str, stats: dict, min_negatives: int = 0) -> Iterator[dict]:
@@ -182,7 +200,8 @@ class ExampleMaker:
     """Record + rng -> fixed-shape arrays of one query and its G = 1 + H passages."""
 
     def __init__(self, tokenizer, source, hard_negatives: int, query_length: int, passage_length: int,
-                 max_extra_positives: int, too_few_negatives: str, query_prefix: str = ""):
+                 max_extra_positives: int, too_few_negatives: str, query_prompt: str = "", passage_prompt: str = "",
+                 source_index: int = 0, teacher: bool = False):
         if too_few_negatives not in ("error", "fill"):
             raise ValueError(f"config.data.too_few_negatives={too_few_negatives!r}: use 'error' or 'fill'")
         self.tokenizer = tokenizer
@@ -192,7 +211,10 @@ class ExampleMaker:
         self.passage_length = passage_length
         self.extra = max_extra_positives
         self.too_few = too_few_negatives
-        self.query_prefix = query_prefix
+        self.query_prompt = query_prompt
+        self.passage_prompt = passage_prompt
+        self.source_index = source_index
+        self.teacher = teacher  # teacher scores are required (the distillation term is on)
 
     def _ids(self, texts, length):
         from pegjax.data.tokenizer import pad_batch, tokenize
@@ -202,11 +224,21 @@ class ExampleMaker:
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict:
         record = json.loads(raw)
         positives = record["pos"]
-        positive = positives[rng.integers(len(positives))]
+        drawn = int(rng.integers(len(positives)))
+        positive = positives[drawn]
         negatives = record["neg"]
         filled = 0
+        if self.teacher and (record.get("pos_scores") is None or len(negatives) < self.hard):
+            raise DataError(
+                f"{record['source']}: config.loss.teacher_weight > 0 needs 'pos_scores' / 'neg_scores' and "
+                f"{self.hard} scored negatives on every line: score the lines (python -m pegjax.mine writes them) "
+                "or set config.loss.teacher_weight=0")
+        teacher_scores = np.zeros(1 + self.hard, np.float32)
         if len(negatives) >= self.hard:
-            chosen = [negatives[i] for i in rng.choice(len(negatives), self.hard, replace=False)]
+            picks = rng.choice(len(negatives), self.hard, replace=False)
+            chosen = [negatives[i] for i in picks]
+            if record.get("pos_scores") is not None:
+                teacher_scores[:] = [record["pos_scores"][drawn]] + [record["neg_scores"][i] for i in picks]
         elif self.too_few == "error":
             raise DataError(
                 f"{record['source']}: {len(negatives)} negatives, {self.hard} needed (config.data.hard_negatives): "
@@ -230,10 +262,10 @@ class ExampleMaker:
                     f"positive to fill with (config.data.too_few_negatives=fill, {len(self.source)} records): add "
                     "negatives (python -m pegjax.mine) or more records")
         passages = [positive] + chosen
-        prompt = record["prompt"] if record["prompt"] is not None else self.query_prefix
+        prompt = record["prompt"] if record["prompt"] is not None else self.query_prompt
         query = prompt + record["query"]
         query_ids, query_mask = self._ids([query], self.query_length)
-        passage_ids, passage_mask = self._ids(passages, self.passage_length)
+        passage_ids, passage_mask = self._ids([self.passage_prompt + p for p in passages], self.passage_length)
         extra = [text_hash(p) for p in positives if p != positive][: self.extra]
         return {
             "query_ids": query_ids[0],
@@ -245,6 +277,8 @@ class ExampleMaker:
             "filled_negatives": np.int32(filled),
             "query_hashes": np.int32(text_hash(query)),
             "query_valid": np.int32(1),
+            "teacher_scores": teacher_scores,
+            "source_index": np.int32(self.source_index),
         }
 
     def padding(self) -> dict:
@@ -260,17 +294,89 @@ class ExampleMaker:
             "filled_negatives": np.int32(0),
             "query_hashes": np.int32(0),
             "query_valid": np.int32(0),
+            "teacher_scores": np.zeros(group, np.float32),
+            "source_index": np.int32(-1),
         }
 
 
-def pipeline(record_files: list[str], tokenizer, config, seed: int, process_index: int = 0, process_count: int = 1,
-             global_rows: int | None = None):
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One training source of a mixture (``config.data.sources``)."""
+
+    name: str
+    files: tuple[str, ...]
+    weight: float = 1.0
+    query_prompt: str = ""
+    passage_prompt: str = ""
+
+
+_SOURCE_KEYS = ("files", "weight", "query_prompt", "passage_prompt")
+
+
+def sources_of(config, train_files: list[str] | None = None) -> list[Source]:
+    """The sources of a config: ``config.data.sources`` (name -> files, weight, prompts), or
+    ``train_files`` (default: ``config.data.train_files``) as the one source "train". Prompts
+    default to ``config.data.query_prompt`` / ``passage_prompt``. ConfigError naming the key."""
+    from pegjax.errors import ConfigError
+
+    data = config.data
+    if not data.sources:
+        files = train_files if train_files is not None else [p for p in data.train_files.split(",") if p]
+        return [Source("train", tuple(files), 1.0, data.query_prompt, data.passage_prompt)]
+    if data.train_files or data.get("mine_from"):
+        raise ConfigError("config.data.sources is set together with config.data.train_files / mine_from: give the "
+                          "files as one more source instead")
+    sources = []
+    for name, spec in data.sources.items():
+        unknown = sorted(set(spec) - set(_SOURCE_KEYS))
+        if unknown:
+            raise ConfigError(f"config.data.sources.{name}: unknown key(s) {unknown}; a source has {list(_SOURCE_KEYS)}")
+        files = tuple(p for p in str(spec.get("files", "")).split(",") if p)
+        if not files:
+            raise ConfigError(f"config.data.sources.{name}.files is empty: set it to the source's JSONL file(s)")
+        for path in files:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config.data.sources.{name}.files: {path} does not exist")
+        weight = float(spec.get("weight", 1.0))
+        if not weight > 0:
+            raise ConfigError(f"config.data.sources.{name}.weight={weight}: a sampling weight must be > 0")
+        sources.append(Source(name, files, weight, spec.get("query_prompt", data.query_prompt),
+                              spec.get("passage_prompt", data.passage_prompt)))
+    return sources
+
+
+def homogeneous_schedule(weights, seed: int, length: int):
+    """step -> (source, how many batches that source gave before): one source per global batch,
+    drawn by weight with a seeded generator over a cycle of ``length`` steps that then repeats.
+    Every process computes the same schedule."""
+    weights = np.asarray(weights, np.float64)
+    picks = np.random.default_rng([seed, 0x50C]).choice(len(weights), size=max(length, 1), p=weights / weights.sum())
+    earlier = np.zeros(len(picks), np.int64)
+    for k in range(len(weights)):
+        chosen = picks == k
+        earlier[chosen] = np.arange(chosen.sum())
+    per_cycle = np.bincount(picks, minlength=len(weights))
+
+    def at(step: int) -> tuple[int, int]:
+        cycle, within = divmod(step, len(picks))
+        source = int(picks[within])
+        return source, int(cycle * per_cycle[source] + earlier[within])
+
+    return at
+
+
+def pipeline(record_files: list[str] | list[list[str]], tokenizer, config, seed: int, process_index: int = 0,
+             process_count: int = 1, global_rows: int | None = None, sources: list[Source] | None = None):
     """A grain IterDataset of host-local batches (dict of numpy arrays, leading dim = this
     process's rows per step); its iterator state is checkpointable.
 
-    ``global_rows`` (default: the queries per step) is the global batch's row count, at least
-    ``config.train.queries_per_step`` real queries: the rows beyond them are padding
-    (``query_valid`` 0), so that the batch splits over every device (`pegjax.geometry`).
+    ``record_files``: the cache files of the one source, or a list of them per source of
+    ``sources`` (`sources_of`). Sources are mixed by weight row by row, or with
+    ``config.data.homogeneous_batches`` every global batch comes from one source drawn by weight
+    (`homogeneous_schedule`). ``global_rows`` (default: the queries per step) is the global
+    batch's row count, at least ``config.train.queries_per_step`` real queries: the rows beyond
+    them are padding (``query_valid`` 0), so that the batch splits over every device
+    (`pegjax.geometry`).
     """
     import grain
 
@@ -280,28 +386,51 @@ def pipeline(record_files: list[str], tokenizer, config, seed: int, process_inde
     if global_rows % process_count or global_rows < queries:
         raise ValueError(f"{global_rows} rows per step (config.train.queries_per_step={queries}, padded) do not split "
                          f"over {process_count} processes")
-    source = grain.sources.ArrayRecordDataSource(record_files)
-    maker = ExampleMaker(tokenizer, source, data.hard_negatives, data.query_length, data.passage_length,
-                         data.max_extra_positives, data.too_few_negatives, data.query_prefix)
-    stream = (
-        grain.MapDataset.source(source)
-        .seed(seed)
-        .shuffle()
-        .repeat()  # a fresh order every epoch
-        .random_map(maker)  # each element's randomness follows from its index in the stream
-    )
+    if sources is None:
+        sources = sources_of(config, [])
+        record_files = [record_files]
+    teacher = config.loss.get("teacher_weight", 0.0) > 0
+    streams, makers = [], []
+    for k, (source, files) in enumerate(zip(sources, record_files)):
+        records = grain.sources.ArrayRecordDataSource(list(files))
+        maker = ExampleMaker(tokenizer, records, data.hard_negatives, data.query_length, data.passage_length,
+                             data.max_extra_positives, data.too_few_negatives, source.query_prompt,
+                             source.passage_prompt, source_index=k, teacher=teacher)
+        makers.append(maker)
+        streams.append(
+            grain.MapDataset.source(records)
+            .seed(seed + 7919 * k)
+            .shuffle()
+            .repeat()  # a fresh order every epoch
+            .random_map(maker)  # each element's randomness follows from its index in the stream
+        )
     # Process p builds rows [p*b, (p+1)*b) of every global batch of ``global_rows`` rows, b its
     # share; rows past the real queries are padding. The global batch is the same, row for row,
     # whatever the process count.
     share = global_rows // process_count
-    padding = maker.padding()
+    padding = makers[0].padding()
+    weights = [source.weight for source in sources]
+    if len(streams) == 1:
+        mixed = streams[0]
+    elif not data.homogeneous_batches:
+        mixed = grain.MapDataset.mix(streams, weights)  # every source in proportion, row by row
+    if len(streams) > 1 and data.homogeneous_batches:
+        schedule = homogeneous_schedule(weights, seed, config.train.steps)
+
+        def example(step, index):
+            source, earlier = schedule(step)
+            return streams[source][earlier * queries + index]
+    else:
+        def example(step, index):
+            return mixed[step * queries + index]
 
     def row(j):
         step, index = divmod(j, share)
         index += process_index * share
-        return stream[step * queries + index] if index < queries else padding
+        return example(step, index) if index < queries else padding
 
-    steps = min(len(stream) // queries, sys.maxsize // share)  # the stream repeats: practically endless
+    smallest = min(len(grain.sources.ArrayRecordDataSource(list(files))) for files in record_files)
+    steps = min(max(smallest * len(streams) // queries, 1) * 10**6, sys.maxsize // share)  # practically endless
     local = grain.MapDataset.range(steps * share).map(row)
     iterable = local.to_iter_dataset().batch(share, drop_remainder=True)
     if data.workers > 0:
@@ -309,7 +438,8 @@ def pipeline(record_files: list[str], tokenizer, config, seed: int, process_inde
     return iterable
 
 
-def sample_lengths(record_files: list[str], tokenizer, config, count: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def sample_lengths(record_files: list[str], tokenizer, config, count: int = 2048, seed: int = 0,
+                   query_prompt: str = "", passage_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Token counts of ``count`` random records' queries (prompt included) and of their passages
     (every positive and negative), truncated as training truncates them -> ([n] int, [m] int)."""
     import grain
@@ -319,25 +449,34 @@ def sample_lengths(record_files: list[str], tokenizer, config, count: int = 2048
     source = grain.sources.ArrayRecordDataSource(record_files)
     picks = np.random.default_rng(seed).choice(len(source), min(count, len(source)), replace=False)
     records = [json.loads(source[int(i)]) for i in sorted(picks)]
-    prefix = config.data.query_prefix
-    queries = [(r["prompt"] if r["prompt"] is not None else prefix) + r["query"] for r in records]
-    passages = [p for r in records for p in r["pos"] + r["neg"]]
+    queries = [(r["prompt"] if r["prompt"] is not None else query_prompt) + r["query"] for r in records]
+    passages = [passage_prompt + p for r in records for p in r["pos"] + r["neg"]]
     query_lengths = [len(ids) for ids in tokenize(tokenizer, queries, config.data.query_length)]
     passage_lengths = [len(ids) for ids in tokenize(tokenizer, passages, config.data.passage_length)]
     return np.asarray(query_lengths), np.asarray(passage_lengths)
 
 
-def row_geometries(record_files: list[str], tokenizer, config, queries: int) -> dict[str, RowGeometry]:
+def row_geometries(record_files: list[list[str]], tokenizer, config, queries: int,
+                   sources: list[Source]) -> dict[str, RowGeometry]:
     """{"query": ..., "passage": ...}: rows per batch shard for ``queries`` queries a shard of this
-    data (`pegjax.data.packing`), or one text a row with ``config.data.packing=False``."""
+    data (`pegjax.data.packing`; lengths sampled from every source, so the rows hold a batch of any
+    of them), or one text a row with ``config.data.packing=False``."""
     texts = {"query": queries, "passage": queries * (1 + config.data.hard_negatives)}
-    lengths = {"query": config.data.query_length, "passage": config.data.passage_length}
+    lengths_of = {"query": config.data.query_length, "passage": config.data.passage_length}
     chunk = config.train.encode_chunk
     if not config.data.packing:
-        return {kind: RowGeometry(texts[kind], chunked_rows(texts[kind], chunk)[0], lengths[kind], 1, chunk)
+        return {kind: RowGeometry(texts[kind], chunked_rows(texts[kind], chunk)[0], lengths_of[kind], 1, chunk)
                 for kind in texts}
-    samples = dict(zip(("query", "passage"), sample_lengths(record_files, tokenizer, config, seed=config.seed)))
-    return {kind: estimate_geometry(samples[kind], texts[kind], lengths[kind], chunk, seed=config.seed) for kind in texts}
+    per_source = []
+    for files, source in zip(record_files, sources):
+        lengths = sample_lengths(files, tokenizer, config, seed=config.seed, query_prompt=source.query_prompt,
+                                 passage_prompt=source.passage_prompt)
+        per_source.append({kind: estimate_geometry(sample, texts[kind], lengths_of[kind], chunk, seed=config.seed)
+                           for kind, sample in zip(("query", "passage"), lengths)})
+    # Rows enough for a batch of any one source (a homogeneous batch), and slots for the shortest
+    # texts of any; a mixed batch needs no more than its longest source.
+    return {kind: RowGeometry(texts[kind], max(g[kind].rows for g in per_source), lengths_of[kind],
+                              max(g[kind].slots for g in per_source), chunk) for kind in texts}
 
 
 def pack_for_step(texts: dict, shards: int, geometries: dict[str, RowGeometry], pad_id: int,
@@ -359,7 +498,8 @@ def pack_for_step(texts: dict, shards: int, geometries: dict[str, RowGeometry], 
             layout[kind] = pack_shards(texts[f"{kind}_ids"], texts[f"{kind}_mask"], shards, geometry.one_per_row(), pad_id)
     batch = {f"{kind}_{name}": array for kind, arrays in layout.items()
              for name, array in zip(("tokens", "segments", "slots"), arrays)}
-    batch.update({key: texts[key] for key in ("passage_hashes", "positive_hashes", "query_hashes", "query_valid")})
+    batch.update({key: texts[key] for key in ("passage_hashes", "positive_hashes", "query_hashes", "query_valid",
+                                              "teacher_scores")})
     return batch, spilled
 
 

@@ -78,6 +78,9 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 0
     initializer_range: float = 0.02
+    # The family (Hugging Face ``model_type``): "bert", or "roberta" / "xlm-roberta", whose
+    # positions start after the padding index (position of token i = pad_token_id + 1 + i).
+    model_type: str = "bert"
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -89,6 +92,15 @@ class BertConfig:
                 f"hidden_size={self.hidden_size} is not a multiple of "
                 f"num_attention_heads={self.num_attention_heads}"
             )
+
+    @property
+    def position_offset(self) -> int:
+        return 0 if self.model_type == "bert" else self.pad_token_id + 1
+
+    @property
+    def max_length(self) -> int:
+        """The longest text the position table holds."""
+        return self.max_position_embeddings - self.position_offset
 
     @property
     def head_dim(self) -> int:
@@ -328,12 +340,13 @@ class BertEncoder(nn.Module):
         dropout on (None: off).
         """
         cfg = self.config
-        if input_ids.shape[1] > cfg.max_position_embeddings:
+        if input_ids.shape[1] > cfg.max_length:
             raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
-                f"{cfg.max_position_embeddings}; lower max_length"
+                f"sequence length {input_ids.shape[1]} exceeds the {cfg.max_length} positions of this "
+                f"{cfg.model_type} model; lower max_length"
             )
         positions = segment_positions(segment_ids) if packed else jnp.arange(input_ids.shape[1])[None, :]
+        positions = positions + cfg.position_offset
         hidden = Embeddings(cfg, self.param_dtype, name="embeddings")(
             input_ids, positions, jnp.zeros_like(input_ids)
         )

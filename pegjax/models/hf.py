@@ -1,9 +1,14 @@
 """Hugging Face folders <-> pegjax parameters.
 
-Reads ``config.json`` + ``model.safetensors`` (plain ``BertModel`` names, names under a ``bert.``
-prefix, or a sentence-transformers folder whose ``modules.json`` / ``1_Pooling/config.json`` give
-the pooling) into the parameter tree of `pegjax.models.bert.BertEncoder`, and writes that tree
-back in the same layout. Every tensor is checked by name and shape before anything is built.
+Reads ``config.json`` + ``model.safetensors`` (or shards listed by
+``model.safetensors.index.json``) of the BERT family — ``model_type`` ``bert``, ``roberta`` or
+``xlm-roberta``, plain ``BertModel`` / ``RobertaModel`` names or names under a ``bert.`` /
+``roberta.`` prefix, or a sentence-transformers folder whose ``modules.json`` /
+``1_Pooling/config.json`` give the pooling — into the parameter tree of
+`pegjax.models.bert.BertEncoder`, and writes that tree back in the same layout and family. The
+families share one architecture; RoBERTa and XLM-R only number their positions from
+``pad_token_id + 1`` (`BertConfig.position_offset`). Every tensor is checked by name and shape
+before anything is built.
 """
 
 from __future__ import annotations
@@ -21,13 +26,21 @@ from pegjax.errors import UserError
 from pegjax.models.bert import BertConfig
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 # Tensors a BERT checkpoint may carry that an embedding model does not use: the pooler (a
 # classification head) and the pre-training heads. Ignored with a log line, never an error.
-IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
+IGNORED_PREFIXES = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
 
-SUPPORTED_MODEL_TYPES = ("bert",)
+# model_type -> (the transformers class that reads the exported folder, the prefix of its weights
+# inside a task model such as *ForMaskedLM).
+FAMILIES = {
+    "bert": ("BertModel", "bert."),
+    "roberta": ("RobertaModel", "roberta."),
+    "xlm-roberta": ("XLMRobertaModel", "roberta."),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 _REQUIRED_CONFIG_KEYS = (
     "vocab_size",
@@ -71,9 +84,7 @@ def read_config(folder: str) -> BertConfig:
 
 def write_config(config: BertConfig, folder: str) -> None:
     body = dataclasses.asdict(config)
-    body.update(
-        architectures=["BertModel"], model_type="bert", position_embedding_type="absolute"
-    )
+    body.update(architectures=[FAMILIES[config.model_type][0]], position_embedding_type="absolute")
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(body, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -141,10 +152,11 @@ def _expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _canonical_name(name: str) -> str:
-    """Strips a ``bert.`` prefix and maps old LayerNorm names (gamma/beta) to weight/bias."""
-    if name.startswith("bert."):
-        name = name[len("bert.") :]
+def _canonical_name(name: str, family_prefix: str) -> str:
+    """Strips the family's prefix (``bert.``, ``roberta.``) and maps old LayerNorm names
+    (gamma/beta) to weight/bias."""
+    if name.startswith(family_prefix):
+        name = name[len(family_prefix) :]
     if name.endswith("LayerNorm.gamma"):
         name = name[: -len("gamma")] + "weight"
     elif name.endswith("LayerNorm.beta"):
@@ -154,7 +166,7 @@ def _canonical_name(name: str) -> str:
 
 def hf_to_params(tensors: dict[str, np.ndarray], config: BertConfig, source: str) -> dict:
     """Hugging Face BertModel tensors -> pegjax param tree (numpy float32)."""
-    canonical = {_canonical_name(k): v for k, v in tensors.items()}
+    canonical = {_canonical_name(k, FAMILIES[config.model_type][1]): v for k, v in tensors.items()}
     expected = _expected_shapes(config)
     missing = sorted(set(expected) - set(canonical))
     extra = sorted(
@@ -166,7 +178,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: BertConfig, source: str
         if tuple(canonical[k].shape) != expected[k]
     )
     if missing or extra or wrong:
-        lines = [f"{source}: the tensors do not match a BertModel of its config.json"]
+        lines = [f"{source}: the tensors do not match a {FAMILIES[config.model_type][0]} of its config.json"]
         for title, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", wrong)):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:20]))
@@ -258,24 +270,45 @@ def _dig(tree, path):
     return tree
 
 
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing; download the folder again")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: cannot read the safetensors file ({err}); it is truncated or not a "
+            "safetensors file: download or export it again"
+        ) from None
+
+
 def read_tensors(folder: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """All tensors of ``folder/model.safetensors`` as numpy arrays.
+    """All tensors of ``folder/model.safetensors`` (or of the shards its
+    ``model.safetensors.index.json`` lists) as numpy arrays.
 
     A folder with only ``pytorch_model.bin`` is refused (pickle runs code on load) unless
     ``allow_pickle``; then torch reads it.
     """
     path = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(path):
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(
-                f"{path}: cannot read the safetensors file ({err}); it is truncated or not a "
-                "safetensors file: download or export it again"
-            ) from None
+        return _read_safetensors(path)
+    index_path = os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index_path}: not a safetensors index (no weight_map: {err})") from None
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_read_safetensors(os.path.join(folder, shard)))
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise CheckpointError(f"{index_path}: {len(absent)} listed tensor(s) are in no shard: {absent[:5]}")
+        return tensors
     pickles = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(folder, n))]
     if pickles and not allow_pickle:
         raise CheckpointError(
@@ -289,20 +322,44 @@ def read_tensors(folder: str, allow_pickle: bool = False) -> dict[str, np.ndarra
 
         state = torch.load(os.path.join(folder, PICKLE_NAMES[0]), map_location="cpu")
         return {k: v.float().numpy() for k, v in state.items()}
-    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}; a Hugging Face model folder needs one")
+    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} (or {INDEX_NAME}); a Hugging Face model folder needs one")
 
 
 def load(folder: str, allow_pickle: bool = False) -> tuple[BertConfig, dict]:
-    """A Hugging Face BERT folder -> (config, params as numpy float32)."""
+    """A Hugging Face BERT-family folder -> (config, params as numpy float32)."""
     config = read_config(folder)
     tensors = read_tensors(folder, allow_pickle=allow_pickle)
-    return config, hf_to_params(tensors, config, source=os.path.join(folder, WEIGHTS_NAME))
+    return config, hf_to_params(tensors, config, source=folder)
 
 
-def save(folder: str, config: BertConfig, params: dict) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` (BertModel names) into ``folder``."""
+def save(folder: str, config: BertConfig, params: dict, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (the family's names) into ``folder``; a
+    model above ``max_shard_bytes`` is written as ``model-0000i-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json``, as transformers writes it."""
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
     write_config(config, folder)
-    save_file(params_to_hf(params, config), os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    tensors = params_to_hf(params, config)
+    shards, size = [{}], 0
+    for name, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    for stale in (WEIGHTS_NAME, INDEX_NAME):
+        if os.path.exists(os.path.join(folder, stale)):
+            os.remove(os.path.join(folder, stale))
+    if len(shards) == 1:
+        save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({tensor: name for tensor in shard})
+    with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map},
+                  f, indent=2, sort_keys=True)
+        f.write("\n")
