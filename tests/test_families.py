@@ -119,3 +119,49 @@ def test_multilingual_e5_small_embeds_as_sentence_transformers_does_with_its_pro
     # No [UNK] on Chinese with the XLM-R tokenizer.
     ids = np.concatenate([encoder.tokenizer(t)["input_ids"] for t in chinese])
     assert (ids == encoder.tokenizer.unk_token_id).sum() == 0
+
+
+def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transformers_loads_with_its_prompts(
+        e5_path, shared_data, tmp_path):
+    """A few steps from the multilingual-e5-small folder on real medical_zh pairs with e5 prompts
+    (negatives filled from other answers), then the export in sentence-transformers."""
+    import subprocess
+    import sys
+
+    from sentence_transformers import SentenceTransformer
+
+    from conftest import read_jsonl
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    train = tmp_path / "medical_zh.jsonl"
+    with open(shared_data / "medical_zh" / "train_pairs.jsonl", encoding="utf-8") as src, open(train, "w") as dst:
+        for line, _ in zip(src, range(24)):
+            dst.write(line)
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "pegjax.main", "--config=configs/peg.py:paper", f"--workdir={workdir}",
+         f"--config.model.path={e5_path}", "--config.model.pooling=mean", "--config.model.dtype=float32",
+         "--config.model.dropout=false", "--config.mesh.fsdp=1", "--config.mesh.data=-1",
+         f"--config.data.train_files={train}", "--config.data.query_prompt=query: ",
+         "--config.data.passage_prompt=passage: ", "--config.data.hard_negatives=1",
+         "--config.data.too_few_negatives=fill", "--config.data.query_length=32", "--config.data.passage_length=48",
+         "--config.train.queries_per_step=4", "--config.train.steps=2", "--config.train.checkpoint_steps=100",
+         "--config.train.encode_chunk=4", "--config.loss.query_block=4", "--config.loss.temperature=0.05",
+         "--config.optimizer.learning_rate.warmup_steps=0", "--config.optimizer.learning_rate.peak=1e-4"],
+        cwd=repo, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    export_dir = str(workdir / "export")
+    prompts = json.loads(open(os.path.join(export_dir, "config_sentence_transformers.json")).read())["prompts"]
+    assert prompts == {"query": "query: ", "document": "passage: "}
+    config = json.loads(open(os.path.join(export_dir, "config.json")).read())
+    assert config["pad_token_id"] == 1 and config["vocab_size"] == 250037
+
+    queries = read_jsonl(shared_data / "medical_zh" / "queries.jsonl", "text", 8)
+    reference = SentenceTransformer(export_dir, device="cpu")
+    trained = Encoder.from_pretrained(export_dir)
+    got = trained.encode(queries, prompt_name="query")
+    assert np.abs(reference.encode(queries, prompt_name="query") - got).max() <= 1e-5
+    # The prompt is really there, and training moved the weights.
+    assert np.abs(trained.encode(queries) - got).max() > 1e-3
+    assert np.abs(Encoder.from_pretrained(e5_path).encode(queries, prompt="query: ") - got).max() > 1e-4
