@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # FlagEmbedding JSONL (comma-separated; .gz allowed)
+    c.data.tfds_dir = ""  # or a TFDS dataset folder (NAME/VERSION; local or gs://) that pegjax wrote as its data cache
     c.data.mine_from = ""  # or BEIR folder:split: mine hard negatives with the starting model first
     c.data.mine_negatives = 0  # negatives mined per query (0: hard_negatives); more gives each epoch a fresh draw
     c.data.cache_dir = ""  # default: WORKDIR/data_cache

@@ -35,7 +35,8 @@ from pegjax.step import (BATCH_KEYS, StepConfig, abstract_batch, batch_shardings
 
 def check(config, need_data: bool = True) -> None:
     """Fails before any work on a config that cannot run (see also `plan`)."""
-    if need_data and not config.data.train_files and not config.data.get("mine_from") and not config.data.sources:
+    if (need_data and not config.data.train_files and not config.data.get("mine_from") and not config.data.sources
+            and not config.data.tfds_dir):
         raise ConfigError("config.data.train_files is empty: set it to your FlagEmbedding JSONL, e.g. "
                           "--config.data.train_files=/path/train.jsonl")
     if not config.model.path and not config.model.random_init.vocab_file:
@@ -133,7 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     sources = training.sources_of(config, train_files)
 
     def build():
-        built = [training.build_cache(list(source.files), config.data.cache_dir or os.path.join(workdir, "data_cache"),
+        built = [training.open_source(source, config.data.cache_dir or os.path.join(workdir, "data_cache"),
                                       config.data.on_bad_line, min_negatives=min_negatives) for source in sources]
         return [files for files, _ in built], [stats for _, stats in built]
 

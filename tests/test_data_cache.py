@@ -28,8 +28,10 @@ def synthetic_file(shared_data, path, lines):
 def records(files):
     import grain
 
-    source = grain.sources.ArrayRecordDataSource(files)
-    return [json.loads(source[i])["query"] for i in range(len(source))]
+    from pegjax.data.tfds_format import Codec
+
+    source, codec = grain.sources.ArrayRecordDataSource(files), Codec()
+    return [codec.decode(source[i])["query"] for i in range(len(source))]
 
 
 def test_a_build_killed_halfway_resumes_at_its_first_unfinished_part(shared_data, tmp_path, monkeypatch):

@@ -8,9 +8,10 @@ query, non-empty list of non-empty positive strings, negatives strings). A bad l
 naming file and line, or with ``on_bad_line="skip"`` it is left out and counted by reason; the
 counts are reported and stored with the cache.
 
-Checked records are written once, streaming (memory does not grow with the input), to an
-ArrayRecord file (the format TFDS and grain read) in a cache folder keyed by the input's content;
-a second run reads the cache. The grain pipeline then: shuffles with a seed (a fresh order each
+Checked records are written once, streaming (memory does not grow with the input), as a TFDS
+dataset (`pegjax.data.tfds_format`: ArrayRecord shards of serialized examples, ``features.json``,
+``dataset_info.json``) in a cache folder keyed by the input's content; a second run reads the
+cache, and ``config.data.tfds_dir`` reads a prepared one in place of the JSONL. The grain pipeline then: shuffles with a seed (a fresh order each
 epoch), gives each process its share, and per example and epoch picks a positive and H hard
 negatives with a seeded generator, tokenizes to fixed shapes, and hashes texts for false-negative
 masking. Its iterator state is saved in checkpoints.
@@ -30,9 +31,10 @@ from typing import Iterator
 import numpy as np
 
 from pegjax.data.jsonl import DataError, decode_object, lines
+from pegjax.data import tfds_format
 from pegjax.data.packing import DoesNotFit, RowGeometry, chunked_rows, estimate_geometry, pack_shards
 
-FORMAT_VERSION = "5"
+FORMAT_VERSION = "6"
 
 
 def text_hash(text: str) -> int:
@@ -124,13 +126,14 @@ def build_cache(paths: list[str], cache_dir: str, on_bad_line: str, min_negative
                     digest.update(block)
         except FileNotFoundError:
             raise DataError(f"{path}: no such training file (config.data.train_files)") from None
-    folder = os.path.join(cache_dir, digest.hexdigest()[:24])
+    name = tfds_format.dataset_name(digest.hexdigest()[:24])
+    folder = os.path.join(cache_dir, name, tfds_format.VERSION)
     stats_path = os.path.join(folder, "stats.json")
     if os.path.isfile(stats_path):
         with open(stats_path, encoding="utf-8") as f:
             stats = json.load(f)
-        return [os.path.join(folder, name) for name in stats["parts"]], stats
-    building = folder + ".building"
+        return [os.path.join(folder, part) for part in stats["parts"]], stats
+    building = os.path.join(cache_dir, name + ".building")
     os.makedirs(building, exist_ok=True)
     parts = []
     read = ((where, raw) for path in paths for where, raw in lines(path))
@@ -150,16 +153,23 @@ def build_cache(paths: list[str], cache_dir: str, on_bad_line: str, min_negative
         parts.append(part)
         if part["lines"] < part_lines:
             break
+    written = [p for p in parts if p["records"]]
     stats = {"lines": sum(p["lines"] for p in parts), "records": sum(p["records"] for p in parts), "skipped": {},
              "files": paths, "most_positives": max((p["most_positives"] for p in parts), default=0),
-             "parts": [p["file"] for p in parts if p["records"]]}
+             "parts": [tfds_format.shard_name(name, i, len(written)) for i in range(len(written))]}
     for part in parts:
         for reason, count in part["skipped"].items():
             stats["skipped"][reason] = stats["skipped"].get(reason, 0) + count
     if stats["records"] == 0:
         shutil.rmtree(building, ignore_errors=True)
         raise DataError(f"{', '.join(paths)}: no usable training line ({stats['lines']} lines read)")
+    for part, shard in zip(written, stats["parts"]):  # the TFDS dataset's shards, in order
+        if os.path.isfile(os.path.join(building, part["file"])):
+            os.replace(os.path.join(building, part["file"]), os.path.join(building, shard))
+    tfds_format.write_metadata(building, name, [p["records"] for p in written],
+                               f"pegjax training records of {', '.join(paths)}")
     _write_json(os.path.join(building, "stats.json"), stats)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
     try:
         os.replace(building, folder)  # only now is it a cache
     except OSError:  # another process finished the same cache first: theirs is identical
@@ -176,9 +186,10 @@ def _write_part(read, building: str, number: int, paths, on_bad_line: str, min_n
     stats = {"lines": 0, "records": 0, "skipped": {}, "most_positives": 0, "file": name}
     partial = os.path.join(building, f"{name}.partial-{os.getpid()}")
     writer = ArrayRecordWriter(partial, "group_size:1")
+    codec = tfds_format.Codec()
     try:
         for record in _checked(read, on_bad_line, stats, min_negatives):
-            writer.write(json.dumps(record, ensure_ascii=False).encode("utf-8"))
+            writer.write(codec.encode(record))
     finally:
         writer.close()
     if stats["records"]:
@@ -215,6 +226,7 @@ class ExampleMaker:
         self.passage_prompt = passage_prompt
         self.source_index = source_index
         self.teacher = teacher  # teacher scores are required (the distillation term is on)
+        self.codec = tfds_format.Codec()
 
     def _ids(self, texts, length):
         from pegjax.data.tokenizer import pad_batch, tokenize
@@ -222,7 +234,7 @@ class ExampleMaker:
         return pad_batch(tokenize(self.tokenizer, texts, length), length, len(texts), self.tokenizer.pad_token_id or 0)
 
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict:
-        record = json.loads(raw)
+        record = self.codec.decode(raw)
         positives = record["pos"]
         drawn = int(rng.integers(len(positives)))
         positive = positives[drawn]
@@ -251,7 +263,7 @@ class ExampleMaker:
             for _ in range(64 * self.hard):
                 if len(chosen) == self.hard:
                     break
-                other = json.loads(self.source[int(rng.integers(len(self.source)))])
+                other = self.codec.decode(self.source[int(rng.integers(len(self.source)))])
                 candidate = other["pos"][0]
                 if text_hash(candidate) not in own:
                     chosen.append(candidate)
@@ -308,9 +320,10 @@ class Source:
     weight: float = 1.0
     query_prompt: str = ""
     passage_prompt: str = ""
+    tfds_dir: str = ""  # a TFDS dataset folder pegjax wrote (its cache), read in place of ``files``
 
 
-_SOURCE_KEYS = ("files", "weight", "query_prompt", "passage_prompt")
+_SOURCE_KEYS = ("files", "tfds_dir", "weight", "query_prompt", "passage_prompt")
 
 
 def sources_of(config, train_files: list[str] | None = None) -> list[Source]:
@@ -320,9 +333,11 @@ def sources_of(config, train_files: list[str] | None = None) -> list[Source]:
     from pegjax.errors import ConfigError
 
     data = config.data
+    if data.tfds_dir and (data.train_files or data.get("mine_from") or data.sources):
+        raise ConfigError("config.data.tfds_dir is set together with train_files / mine_from / sources: give one")
     if not data.sources:
         files = train_files if train_files is not None else [p for p in data.train_files.split(",") if p]
-        return [Source("train", tuple(files), 1.0, data.query_prompt, data.passage_prompt)]
+        return [Source("train", tuple(files), 1.0, data.query_prompt, data.passage_prompt, data.tfds_dir)]
     if data.train_files or data.get("mine_from"):
         raise ConfigError("config.data.sources is set together with config.data.train_files / mine_from: give the "
                           "files as one more source instead")
@@ -332,8 +347,10 @@ def sources_of(config, train_files: list[str] | None = None) -> list[Source]:
         if unknown:
             raise ConfigError(f"config.data.sources.{name}: unknown key(s) {unknown}; a source has {list(_SOURCE_KEYS)}")
         files = tuple(p for p in str(spec.get("files", "")).split(",") if p)
-        if not files:
-            raise ConfigError(f"config.data.sources.{name}.files is empty: set it to the source's JSONL file(s)")
+        tfds_dir = str(spec.get("tfds_dir", ""))
+        if not files and not tfds_dir:
+            raise ConfigError(f"config.data.sources.{name}.files is empty: set it to the source's JSONL file(s) "
+                              "(or tfds_dir to a prepared TFDS dataset)")
         for path in files:
             if not os.path.isfile(path):
                 raise ConfigError(f"config.data.sources.{name}.files: {path} does not exist")
@@ -341,8 +358,25 @@ def sources_of(config, train_files: list[str] | None = None) -> list[Source]:
         if not weight > 0:
             raise ConfigError(f"config.data.sources.{name}.weight={weight}: a sampling weight must be > 0")
         sources.append(Source(name, files, weight, spec.get("query_prompt", data.query_prompt),
-                              spec.get("passage_prompt", data.passage_prompt)))
+                              spec.get("passage_prompt", data.passage_prompt), tfds_dir))
     return sources
+
+
+def open_source(source: Source, cache_dir: str, on_bad_line: str, min_negatives: int = 0) -> tuple[list[str], dict]:
+    """(record files, stats) of a source: its TFDS dataset (``tfds_dir``), or the cache of its
+    JSONL files (built once, `build_cache`)."""
+    if not source.tfds_dir:
+        return build_cache(list(source.files), cache_dir, on_bad_line, min_negatives)
+    from etils import epath
+
+    files = tfds_format.shard_paths(source.tfds_dir)
+    stats_path = epath.Path(source.tfds_dir) / "stats.json"
+    if stats_path.exists():
+        return files, json.loads(stats_path.read_text())
+    import grain
+
+    records = len(grain.sources.ArrayRecordDataSource(files))
+    return files, {"lines": records, "records": records, "skipped": {}, "most_positives": 0, "files": [source.tfds_dir]}
 
 
 def homogeneous_schedule(weights, seed: int, length: int):
@@ -448,7 +482,8 @@ def sample_lengths(record_files: list[str], tokenizer, config, count: int = 2048
 
     source = grain.sources.ArrayRecordDataSource(record_files)
     picks = np.random.default_rng(seed).choice(len(source), min(count, len(source)), replace=False)
-    records = [json.loads(source[int(i)]) for i in sorted(picks)]
+    codec = tfds_format.Codec()
+    records = [codec.decode(source[int(i)]) for i in sorted(picks)]
     queries = [(r["prompt"] if r["prompt"] is not None else query_prompt) + r["query"] for r in records]
     passages = [passage_prompt + p for r in records for p in r["pos"] + r["neg"]]
     query_lengths = [len(ids) for ids in tokenize(tokenizer, queries, config.data.query_length)]
