@@ -26,6 +26,11 @@ def use_cpu_cores() -> None:
     if "xla_force_host_platform_device_count" not in flags:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cores}".strip()
+    # JAX reports each accelerator plugin it does not find ("Unable to initialize backend 'tpu'")
+    # at INFO on every start; only a real problem is worth a user's attention.
+    import logging
+
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,

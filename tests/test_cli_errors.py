@@ -65,3 +65,5 @@ def test_one_error_line_and_a_nonzero_exit(case, tmp_path, minilm_path, truncate
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    # No INFO line about accelerator plugins this machine does not have.
+    assert "Unable to initialize backend" not in done.stderr, done.stderr[-3000:]
