@@ -31,8 +31,10 @@ def scifact_test(shared_data):
 def test_minilm_scifact_matches_sentence_transformers(minilm_path, scifact_test):
     from sentence_transformers import SentenceTransformer
 
-    ours = evaluate.evaluate_data(Encoder.from_pretrained(minilm_path), scifact_test, k_values=(10, 100))
+    # Max length 128 on both sides (the demo's): the same comparison at half the encoding time.
+    ours = evaluate.evaluate_data(Encoder.from_pretrained(minilm_path, max_length=128), scifact_test, k_values=(10, 100))
     reference = SentenceTransformer(minilm_path, device="cpu")
+    reference.max_seq_length = 128
     corpus = reference.encode(scifact_test.corpus_texts, batch_size=64)
     queries = reference.encode(scifact_test.query_texts, batch_size=64)
     order = np.argsort(-(queries @ corpus.T), axis=1)[:, :100]
