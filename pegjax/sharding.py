@@ -131,17 +131,26 @@ def _fitted_shardings(boxed_params: Any, mesh: Mesh, rules) -> Any:
 
 
 def state_shardings(tx, params_sharding: Any, abstract_opt_state: Any, mesh: Mesh) -> Any:
-    """Optimizer-state shardings: moments follow their parameter, scalars are replicated."""
-    import optax
+    """Optimizer-state shardings: moments follow their parameter, scalars are replicated.
 
-    return optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        abstract_opt_state,
-        params_sharding,
-        transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    A state leaf belongs to the parameter whose path ends its own path (``mu/encoder/.../kernel``):
+    this holds for every optax state, masked and multi-transform ones included.
+    """
+    del tx  # the layout follows from the paths alone
+    names = lambda path: tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)  # noqa: E731
+    by_path = {names(path): s for path, s in jax.tree_util.tree_flatten_with_path(
+        params_sharding, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def of(path, leaf):
+        key = names(path)
+        for n in lengths:
+            found = by_path.get(key[-n:]) if len(key) >= n else None
+            if found is not None and len(found.spec) <= len(getattr(leaf, "shape", ())):
+                return found
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(of, abstract_opt_state)
 
 
 def describe(mesh: Mesh) -> str:

@@ -67,10 +67,35 @@ class StepConfig:
     dropout: bool = True
     query_slots: int = 1  # at most this many texts in a packed row (1: one text a row)
     passage_slots: int = 1
+    frozen: tuple[str, ...] = ()  # parameter path prefixes ("embeddings/word_embeddings") never trained
 
 
-def make_optimizer(learning_rate: Callable, weight_decay: float = 0.01, clip_norm: float | None = 1.0):
-    """AdamW with global-norm clipping; no weight decay on biases and LayerNorm."""
+def is_frozen(path: tuple, frozen: tuple[str, ...]) -> bool:
+    """Whether the parameter at ``path`` (a tuple of names) falls under one of the ``frozen``
+    prefixes ("embeddings/word_embeddings" covers that table and everything below it)."""
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    return any(name == f or name.startswith(f + "/") for f in frozen)
+
+
+def unmatched_frozen(params, frozen: tuple[str, ...]) -> list[str]:
+    """The ``frozen`` prefixes that name no parameter (a typo would silently train everything)."""
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [f for f in frozen if not any(is_frozen(p, (f,)) for p in paths)]
+
+
+def _stop_frozen(params, frozen: tuple[str, ...]):
+    if not frozen:
+        return params
+    return jax.tree_util.tree_map_with_path(lambda p, x: lax.stop_gradient(x) if is_frozen(p, frozen) else x, params)
+
+
+def make_optimizer(learning_rate: Callable, weight_decay: float = 0.01, clip_norm: float | None = 1.0,
+                   frozen: tuple[str, ...] = ()):
+    """AdamW with global-norm clipping; no weight decay on biases and LayerNorm.
+
+    Parameters under a ``frozen`` prefix get no update and no optimizer state (a 250k-entry
+    multilingual vocabulary is 96M parameters that a one-language fine-tune barely touches).
+    """
 
     def decay_mask(params):
         flat = flax.traverse_util.flatten_dict(params)
@@ -80,7 +105,14 @@ def make_optimizer(learning_rate: Callable, weight_decay: float = 0.01, clip_nor
 
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if not frozen:
+        return tx
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if is_frozen(p, frozen) else "trained", params)
+
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def optimizer_and_schedules(config):
@@ -91,7 +123,13 @@ def optimizer_and_schedules(config):
         "gamma": schedules.knob(config.progressive.gamma, "gamma"),
         "learning_rate": lr,
     }
-    return make_optimizer(lr, config.optimizer.weight_decay, config.optimizer.clip_norm or None), knobs
+    tx = make_optimizer(lr, config.optimizer.weight_decay, config.optimizer.clip_norm or None, frozen_of(config))
+    return tx, knobs
+
+
+def frozen_of(config) -> tuple[str, ...]:
+    """config.model.frozen ("a/b,c/d") -> ("a/b", "c/d")."""
+    return tuple(p.strip().strip("/") for p in config.model.get("frozen", "").split(",") if p.strip())
 
 
 def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots, slots: int, max_chunk: int,
@@ -134,12 +172,17 @@ def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots
             return model.embed(params, tokens_c, segments_c, dropout_seed=seed)[:, None]
         return model.embed_packed(params, tokens_c, segments_c, slots, dropout_seed=seed)
 
-    embed_chunk = jax.checkpoint(embed_chunk, policy=jax.checkpoint_policies.nothing_saveable)
+    if chunks == 1:
+        # The whole shard in one chunk: the activations the backward pass needs are exactly one
+        # chunk's, so keeping them costs no more memory than recomputing them, and saves a forward.
+        pooled = embed_chunk(params, to_chunks(tokens)[0], to_chunks(segments)[0], jnp.zeros((), jnp.int32))[None]
+    else:
+        embed_chunk = jax.checkpoint(embed_chunk, policy=jax.checkpoint_policies.nothing_saveable)
 
-    def body(carry, inputs):
-        return carry, embed_chunk(params, *inputs)
+        def body(carry, inputs):
+            return carry, embed_chunk(params, *inputs)
 
-    _, pooled = lax.scan(body, None, (to_chunks(tokens), to_chunks(segments), jnp.arange(chunks)))
+        _, pooled = lax.scan(body, None, (to_chunks(tokens), to_chunks(segments), jnp.arange(chunks)))
     dim = pooled.shape[-1]  # pooled [chunks, S*chunk, slots, D] -> [S, R*slots, D], then each text's row
     pooled = jnp.swapaxes(pooled.reshape(chunks, shards, chunk, slots, dim), 0, 1).reshape(shards, rows * slots, dim)
     pooled = jnp.pad(pooled, ((0, 0), (0, 1), (0, 0)))  # slot R * slots: the zero vector of a padding text
@@ -198,7 +241,10 @@ def train_step(state: TrainState, batch, *, config: StepConfig, tx, beta_schedul
     beta = jnp.asarray(beta_schedule(state.updates), jnp.float32)
     gamma = jnp.asarray(gamma_schedule(state.updates), jnp.float32)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if config.dropout else None
-    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+    # Frozen parameters pass under stop_gradient: their gradient is a known zero that XLA never
+    # computes, reduces across devices or feeds to the optimizer.
+    loss_fn = lambda params, *args: loss_and_metrics(_stop_frozen(params, config.frozen), *args)  # noqa: E731
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, batch, beta, gamma, rng, config, mesh)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -207,6 +253,9 @@ def train_step(state: TrainState, batch, *, config: StepConfig, tx, beta_schedul
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    if config.frozen:  # the donated buffers themselves: no pass over a frozen table
+        params = jax.tree_util.tree_map_with_path(lambda p, new, old: old if is_frozen(p, config.frozen) else new,
+                                                  params, state.params)
     metrics = dict(
         metrics,
         beta=beta,

@@ -17,6 +17,7 @@ import signal
 import time
 
 import jax
+from flax import linen as nn
 import numpy as np
 
 from pegjax import distributed, evaluate, export, geometry, mine, sharding
@@ -30,7 +31,7 @@ from pegjax.metric_log import MetricLog
 from pegjax.models.bert import EmbeddingModel
 from pegjax.models.build import architecture, build_model
 from pegjax.step import (BATCH_KEYS, StepConfig, abstract_batch, batch_shardings, create_state, jit_train_step,
-                         optimizer_and_schedules, state_layout)
+                         abstract_params, frozen_of, optimizer_and_schedules, state_layout, unmatched_frozen)
 
 
 def check(config, need_data: bool = True) -> None:
@@ -49,6 +50,8 @@ def check(config, need_data: bool = True) -> None:
         raise ConfigError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}: use 'stop' or 'skip'")
     if need_data:
         training.sources_of(config, [] if config.data.get("mine_from") else None)
+    if config.data.get("mine_from"):
+        mining_config_of(config)  # a bad rank window fails now, not after the model is loaded
     if config.loss.teacher_weight < 0 or config.loss.teacher_temperature <= 0:
         raise ConfigError(f"config.loss.teacher_weight={config.loss.teacher_weight} / teacher_temperature="
                           f"{config.loss.teacher_temperature}: the weight must be >= 0 and the temperature > 0")
@@ -114,6 +117,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("geometry of the run:\n%s", geometry.table(planned))
     mesh = sharding.make_mesh(config.mesh)
     model, params, tokenizer = build_model(config)
+    unknown = unmatched_frozen(nn.unbox(abstract_params(model)), frozen_of(config))
+    if unknown:
+        raise ConfigError(f"config.model.frozen: {', '.join(unknown)} names no parameter of the model; use paths like "
+                          "embeddings/word_embeddings (the layout is in pegjax/models/bert.py)")
     max_length = config.data.passage_length
 
     prompts = {"query": config.data.query_prompt, "document": config.data.passage_prompt}
@@ -173,7 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for kind, rows in geometries.items():
         logging.info("%s rows per batch shard: %s", kind, rows)
     step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,
-                             query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots)
+                             frozen=frozen_of(config), query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots)
     step_fn = jit_train_step(step_config, tx, knobs, mesh, state_sharding)
     shardings = batch_shardings(mesh)
     log = MetricLog(workdir, enabled=lead)
@@ -359,6 +366,18 @@ class _MetricWindow:
         return last
 
 
+def mining_config_of(config) -> mine.MiningConfig:
+    """config.data.mine_* -> the miner's settings (errors name the key)."""
+    ranks = config.data.get("mine_ranks", "10:100")
+    try:
+        start, end = (int(x) for x in ranks.split(":"))
+        margin = config.data.get("mine_margin", -1.0)
+        return mine.MiningConfig(negatives=config.data.mine_negatives or config.data.hard_negatives, rank_start=start,
+                                 rank_end=end, relative_margin=margin if margin >= 0 else None, seed=config.seed)
+    except ValueError as err:
+        raise ConfigError(f"config.data.mine_ranks={ranks!r} / mine_negatives: {err} (mine_ranks is START:END, e.g. 10:100)") from None
+
+
 def _mine_training_data(config, encoder_of, starting_params, workdir, cache_dir) -> str:
     """Mines hard negatives with the starting model (config.data.mine_from = BEIR folder:split).
 
@@ -371,9 +390,7 @@ def _mine_training_data(config, encoder_of, starting_params, workdir, cache_dir)
         weights = starting_params()
         if jax.process_index() == 0:
             data = mine.from_beir(folder, split)
-            negatives = config.data.mine_negatives or config.data.hard_negatives
-            records, summary = mine.mine(data, mine.MiningConfig(negatives=negatives, seed=config.seed),
-                                         encoder_of(weights), cache_dir=cache_dir)
+            records, summary = mine.mine(data, mining_config_of(config), encoder_of(weights), cache_dir=cache_dir)
             mine.write(records, summary, out)
             logging.warning("mined hard negatives for %d queries into %s", len(records), out)
     distributed.barrier("mined_training_data")

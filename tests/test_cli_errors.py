@@ -51,6 +51,10 @@ CASES = {
     "export_missing_checkpoint": ("pegjax.export", ["--checkpoint={tmp}/nothing", "--out={tmp}/out"], "no checkpoints folder"),
     "main_missing_model": ("pegjax.main", ["--config=configs/peg.py:paper", "--workdir={tmp}/run", "--config.model.path=/no/such",
                                           "--config.data.train_files={scifact}/queries.jsonl"], "config.model.path"),
+    "main_frozen_typo": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.model.frozen=embeddings/words"],
+                         "config.model.frozen: embeddings/words names no parameter"),
+    "main_bad_mining_window": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.data.mine_ranks=100:10"],
+                               "config.data.mine_ranks='100:10'"),
     "main_missing_data": ("pegjax.main", ["--config=configs/peg.py:paper", "--workdir={tmp}/run"], "config.data.train_files is empty"),
 }
 

@@ -322,3 +322,47 @@ def test_teacher_term_equals_the_dense_kl_and_is_absent_at_weight_zero(model_and
     assert abs(float(loss) - float(want)) <= 1e-6 * max(1.0, abs(float(want)))
     assert float(want_kl) > 0.1  # the teacher disagrees with the random student: the term is not idle
     assert gradient_error(grad, want_grad) <= 1e-5
+
+
+def test_frozen_word_embeddings_stay_bit_identical_without_optimizer_state_while_the_rest_trains():
+    """config.model.frozen on a 2 x 4 FSDP mesh: the word table leaves the step bit for bit as it
+    came, AdamW keeps no moments for it, every other weight moves, and the loss of the step is the
+    loss without freezing (freezing changes the update, never the forward pass)."""
+    import optax
+
+    from pegjax.step import create_state, jit_train_step, make_optimizer
+
+    texts = make_batch(1)
+    model = EmbeddingModel(TINY, pooling="mean", normalize=True)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    batch, slots = as_step_batch(texts, sharding.batch_shards(mesh), max_chunk=2)
+    schedules = {"beta": optax.constant_schedule(1.0), "gamma": optax.constant_schedule(1.0),
+                 "learning_rate": optax.constant_schedule(1e-3)}
+    runs = {}
+    for frozen in ((), ("embeddings/word_embeddings",)):
+        tx = make_optimizer(optax.constant_schedule(1e-3), frozen=frozen)
+        state, state_sharding = create_state(model, tx, mesh, seed=0)
+        before = jax.device_get(state.params)
+        config = StepConfig(model=model, loss=LossConfig(group_size=GROUP, query_block=1), dropout=False, frozen=frozen,
+                            **slots)
+        state, metrics = jit_train_step(config, tx, schedules, mesh, state_sharding)(state, batch)
+        runs[frozen] = before, jax.device_get(state.params), jax.device_get(state.opt_state), float(metrics["loss"])
+    table = ("embeddings", "word_embeddings", "embedding")
+    before, after, opt_state, loss = runs[("embeddings/word_embeddings",)]
+    flat_before, flat_after = (flax.traverse_util.flatten_dict(p) for p in (before, after))
+    assert np.array_equal(flat_after[table], flat_before[table])
+    moved = [path for path in flat_before if path != table and not np.array_equal(flat_after[path], flat_before[path])]
+    assert len(moved) == len(flat_before) - 1
+    table_shape = (TINY.vocab_size, TINY.hidden_size)
+    assert not any(getattr(leaf, "shape", None) == table_shape for leaf in jax.tree.leaves(opt_state))
+    assert any(getattr(leaf, "shape", None) == table_shape for leaf in jax.tree.leaves(runs[()][2]))
+    assert loss == runs[()][3]
+    unfrozen_after = flax.traverse_util.flatten_dict(runs[()][1])
+    assert not np.array_equal(unfrozen_after[table], flat_before[table])
+
+
+def test_a_frozen_prefix_that_names_no_parameter_is_an_error():
+    from pegjax.step import unmatched_frozen
+
+    params = jax.eval_shape(EmbeddingModel(TINY).init, jax.random.key(0))
+    assert unmatched_frozen(nn.unbox(params), ("embeddings/word_embeddings", "embeddings/words")) == ["embeddings/words"]
