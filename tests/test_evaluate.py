@@ -25,7 +25,7 @@ def subset(data: RetrievalData, extra_docs: int, seed=0) -> RetrievalData:
 
 @pytest.fixture(scope="module")
 def scifact_test(shared_data):
-    return subset(load_beir(str(shared_data / "scifact"), "test"), extra_docs=700)
+    return subset(load_beir(str(shared_data / "scifact"), "test"), extra_docs=300)
 
 
 def test_minilm_scifact_matches_sentence_transformers(minilm_path, scifact_test):

@@ -98,9 +98,19 @@ def mixture_args(shared_data, workdir, source_files):
 
 
 def test_mixture_killed_and_rerun_gives_bitwise_the_same_weights(shared_data, source_files, tmp_path):
-    straight = tmp_path / "straight"
-    done = run(mixture_args(shared_data, straight, source_files))
-    assert done.returncode == 0, done.stderr[-3000:]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    # The uninterrupted run and the one to kill side by side: each is mostly single-threaded.
+    reference = subprocess.Popen(mixture_args(shared_data, straight, source_files), cwd=REPO, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = mixture_args(shared_data, killed, source_files)
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(process, killed, 6)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "export").exists(), "the run finished before it could be killed"
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
     report = json.load(open(straight / "report.json"))
     counts = report["source_queries"]
     assert set(counts) == {"medical_zh", "stsb_zh"} and sum(counts.values()) == 8 * STEPS
@@ -108,14 +118,6 @@ def test_mixture_killed_and_rerun_gives_bitwise_the_same_weights(shared_data, so
     lines = [json.loads(line) for line in open(straight / "metrics.jsonl")]
     assert "source_queries/medical_zh" in lines[-1]
 
-    killed = tmp_path / "killed"
-    args = mixture_args(shared_data, killed, source_files)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_checkpoint(process, killed, 6)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "export").exists(), "the run finished before it could be killed"
     resumed = run(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.load(open(killed / "report.json"))["start_step"] >= 6

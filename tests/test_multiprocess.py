@@ -1,6 +1,8 @@
 """Two processes x 4 CPU devices on 127.0.0.1 (JAX's distributed runtime, gloo collectives) train
-exactly what one process x 8 devices trains, and resume from their own checkpoints."""
+exactly what one process x 8 devices trains, and resume from their own checkpoints (a lost process
+ends the other with a clear error; a SIGTERM to one host stops both at the same step)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -65,23 +67,14 @@ def test_two_processes_train_what_one_process_trains(shared_data, one_process, t
     assert_same_weights(tmp_path, reference)
 
 
-def test_two_process_run_killed_resumes_from_its_checkpoint(shared_data, one_process, tmp_path):
-    reference, data = one_process
-    args = tiny_args(shared_data, tmp_path, data)
-    process = local_run(args, tmp_path, processes=2, devices=4)
-    wait_for_checkpoint(process, tmp_path, 6)
-    os.killpg(process.pid, signal.SIGKILL)  # both processes, as a lost job would
-    process.communicate()
-    assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
-    resume_and_match(args, tmp_path, reference, at_least=6)
-
-
 def test_evaluation_with_two_processes_gives_the_metrics_of_one(minilm_path, shared_data, tmp_path):
     from test_evaluate import subset, write_beir
 
     from pegjax.data.retrieval import load_beir
 
     data = subset(load_beir(str(shared_data / "scifact"), "test"), extra_docs=150)
+    data = dataclasses.replace(data, query_ids=data.query_ids[:100], query_texts=data.query_texts[:100],
+                               qrels={q: data.qrels[q] for q in data.query_ids[:100]})
     folder = tmp_path / "scifact_small"
     write_beir(folder, [json.dumps({"_id": i, "text": t}).encode() for i, t in zip(data.corpus_ids, data.corpus_texts)],
                [json.dumps({"_id": i, "text": t}).encode() for i, t in zip(data.query_ids, data.query_texts)],
@@ -95,7 +88,7 @@ def test_evaluation_with_two_processes_gives_the_metrics_of_one(minilm_path, sha
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
         reports[processes] = json.loads(out.read_text())["tasks"]["scifact_small"]
-    assert reports[1]["queries"] == reports[2]["queries"] == 300
+    assert reports[1]["queries"] == reports[2]["queries"] == 100
     for name, value in reports[1]["metrics"].items():
         assert reports[2]["metrics"][name] == pytest.approx(value, abs=1e-4), name
 
