@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from transformers import (AutoModel, PreTrainedTokenizerFast, RobertaConfig, RobertaModel, XLMRobertaConfig,
                           XLMRobertaModel)
 
@@ -124,7 +125,8 @@ def test_multilingual_e5_small_embeds_as_sentence_transformers_does_with_its_pro
 def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transformers_loads_with_its_prompts(
         e5_path, shared_data, tmp_path):
     """A few steps from the multilingual-e5-small folder on real medical_zh pairs with e5 prompts
-    (negatives filled from other answers), then the export in sentence-transformers."""
+    (negatives filled from other answers) and the word-embedding table frozen, as the medical_zh
+    recipe trains it, then the export in sentence-transformers."""
     import subprocess
     import sys
 
@@ -147,7 +149,8 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
          "--config.data.too_few_negatives=fill", "--config.data.query_length=32", "--config.data.passage_length=48",
          "--config.train.queries_per_step=4", "--config.train.steps=2", "--config.train.checkpoint_steps=100",
          "--config.train.encode_chunk=4", "--config.loss.query_block=4", "--config.loss.temperature=0.05",
-         "--config.optimizer.learning_rate.warmup_steps=0", "--config.optimizer.learning_rate.peak=1e-4"],
+         "--config.optimizer.learning_rate.warmup_steps=0", "--config.optimizer.learning_rate.peak=1e-4",
+         "--config.model.frozen=embeddings/word_embeddings"],
         cwd=repo, capture_output=True, text=True, timeout=900,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -156,6 +159,9 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
     assert prompts == {"query": "query: ", "document": "passage: "}
     config = json.loads(open(os.path.join(export_dir, "config.json")).read())
     assert config["pad_token_id"] == 1 and config["vocab_size"] == 250037
+    word = "embeddings.word_embeddings.weight"
+    assert np.array_equal(load_file(os.path.join(export_dir, "model.safetensors"))[word],
+                          load_file(os.path.join(e5_path, "model.safetensors"))[word])
 
     queries = read_jsonl(shared_data / "medical_zh" / "queries.jsonl", "text", 8)
     reference = SentenceTransformer(export_dir, device="cpu")
