@@ -95,6 +95,7 @@ def contrastive_loss(
     config: LossConfig,
     shards: int = 1,
     gather=None,
+    split=None,
     valid=None,
     query_hashes=None,
 ):
@@ -109,8 +110,13 @@ def contrastive_loss(
       config: static settings.
       shards: how many ways Q is split across devices; each block takes ``query_block`` rows from
         every shard, so no query rows move between devices to form a block.
-      gather: optional function applied to the [P (+Q), D] candidate embeddings before scoring
-        (the step passes a replicating sharding constraint, so they are all-gathered once).
+      gather: optional function applied to the [P (+Q), D] candidate embeddings and their hashes
+        and masks before scoring (the step passes a replicating sharding constraint, so they are
+        all-gathered once).
+      split: optional function that splits an array's leading axis of size ``shards`` over the
+        batch shards (the step passes a sharding constraint). Each shard then scores its query rows
+        against its own copy of the candidates, so the backward pass sums the candidates' gradient
+        over shards once, after all blocks, rather than once per block.
       valid: [Q] bool, false for padding queries (None: every query is real).
       query_hashes: [Q] int32 text hashes of the queries (0 = unknown; None: all unknown).
 
@@ -143,8 +149,15 @@ def contrastive_loss(
         candidate_valid = jnp.concatenate([candidate_valid, valid])
         candidate_query = jnp.concatenate([candidate_query, query_hashes])
     if gather is not None:
-        candidates, candidate_valid, candidate_query = (gather(x) for x in (candidates, candidate_valid, candidate_query))
+        candidates, candidate_hashes, candidate_valid, candidate_query = (
+            gather(x) for x in (candidates, candidate_hashes, candidate_valid, candidate_query))
     num_candidates = candidates.shape[0]
+    shard_candidates = None
+    if split is not None:
+        # [S, P (+Q), D]: one copy per batch shard, each device holding its shard's (no more than
+        # the replicated array). The scan's backward pass accumulates each shard's candidate
+        # gradient locally; the sum over shards happens once, after the scan.
+        shard_candidates = split(jnp.broadcast_to(candidates[None], (shards, *candidates.shape)))
 
     query_index = jnp.arange(num_queries, dtype=jnp.int32)
     positive_column = query_index * group
@@ -161,7 +174,10 @@ def contrastive_loss(
 
     def score_block(carry, inputs):
         query, index, column, own_hash, more_hashes, real, own_query = inputs  # [S, b, ...]
-        scores = jnp.einsum("sbd,pd->sbp", query, candidates, preferred_element_type=jnp.float32) / tau
+        if shard_candidates is None:
+            scores = jnp.einsum("sbd,pd->sbp", query, candidates, preferred_element_type=jnp.float32) / tau
+        else:
+            scores = jnp.einsum("sbd,spd->sbp", query, shard_candidates, preferred_element_type=jnp.float32) / tau
         columns = jnp.arange(num_candidates, dtype=jnp.int32)
         is_positive = columns == column[..., None]
         same_text = (candidate_hashes == own_hash[..., None]) & (own_hash[..., None] != 0)

@@ -204,10 +204,11 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
         config.model, params, batch["passage_tokens"], batch["passage_segments"], batch["passage_slots"],
         config.passage_slots, config.encode_chunk, mesh, passage_rng,
     )
-    gather = None
+    gather = split = None
     if mesh is not None:
         # Every query meets every passage: gather the embeddings (never activations) once.
         gather = lambda x: lax.with_sharding_constraint(x, sharding.replicated(mesh))  # noqa: E731
+        split = lambda x: lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
     loss, metrics = contrastive_loss(
         queries,
         passages,
@@ -218,6 +219,7 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
         config.loss,
         shards=shards,
         gather=gather,
+        split=split,
         valid=batch["query_valid"] > 0,
         query_hashes=batch["query_hashes"],
     )
