@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pegjax import schedules, sharding
 from pegjax.data.packing import RowGeometry, chunked_rows
@@ -142,8 +143,9 @@ def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots
     `pegjax.data.packing.chunked_rows`); each chunk's forward pass is recomputed in the backward
     pass (nothing but the embeddings is kept), so activation memory is one chunk's whatever N is.
     ``rng`` (optional) drives dropout; chunk c uses a seed drawn from fold_in(rng, c) in both
-    passes. On a mesh, each chunk's rows stay split over the batch axes and FSDP-sharded weights are
-    all-gathered for the call (never the activations).
+    passes. On a mesh, each chunk's rows stay split over the batch axes; FSDP-sharded weights are
+    all-gathered once per call into one copy per batch shard (never the activations), and the
+    weight gradient is summed over shards once per call, not once per chunk.
     """
     shards = 1 if mesh is None else sharding.batch_shards(mesh)
     total, length = tokens.shape
@@ -160,14 +162,31 @@ def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots
     def to_chunks(x):  # [S*R, L] -> [chunks, shards * chunk, L], rows of every shard in each chunk
         return jnp.swapaxes(x.reshape(shards, chunks, chunk, length), 0, 1).reshape(chunks, shards * chunk, length)
 
+    if mesh is not None and shards > 1:
+        # One copy of the gathered weights per batch shard, for the whole loop: each shard encodes
+        # its own rows with its own copy, so the backward pass accumulates each shard's weight
+        # gradient locally over all chunks and sums the shards once, after the loop. (With one
+        # shared copy XLA gathers the weights and all-reduces the whole gradient once per chunk.)
+        gathered = sharding.gathered_param_shardings(abstract_params(model), mesh)
+        per_shard = jax.tree.map(lambda g: NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, *g.spec)), gathered)
+        params = lax.with_sharding_constraint(
+            jax.tree.map(lambda p: jnp.broadcast_to(p[None], (shards, *p.shape)), params), per_shard)
+
     def embed_chunk(params, tokens_c, segments_c, index):
         seed = None if rng is None else jax.random.bits(jax.random.fold_in(rng, index), dtype=jnp.uint32)
-        if mesh is not None:
-            params = lax.with_sharding_constraint(
-                params, sharding.gathered_param_shardings(abstract_params(model), mesh)
-            )
-            tokens_c, segments_c = (lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, 2))
-                                    for x in (tokens_c, segments_c))
+        if mesh is None or shards == 1:
+            if mesh is not None:
+                params = lax.with_sharding_constraint(params, sharding.gathered_param_shardings(abstract_params(model), mesh))
+            return embed_rows(params, tokens_c, segments_c, seed)
+        # [S*chunk, L] -> [S, chunk, L]: shard s encodes its rows with its copy of the weights;
+        # dropout masks are those of the whole chunk (the shard's row offset goes into the hash).
+        split = lambda x: lax.with_sharding_constraint(  # noqa: E731
+            x.reshape(shards, chunk, *x.shape[1:]), sharding.batch_sharding(mesh, x.ndim + 1))
+        encode_shard = lambda p, t, g, shard: embed_rows(p, t, g, None if seed is None else (seed, shard))  # noqa: E731
+        pooled = jax.vmap(encode_shard)(params, split(tokens_c), split(segments_c), jnp.arange(shards, dtype=jnp.uint32))
+        return pooled.reshape(shards * chunk, *pooled.shape[2:])
+
+    def embed_rows(params, tokens_c, segments_c, seed):
         if slots == 1:
             return model.embed(params, tokens_c, segments_c, dropout_seed=seed)[:, None]
         return model.embed_packed(params, tokens_c, segments_c, slots, dropout_seed=seed)

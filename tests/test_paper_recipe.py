@@ -39,10 +39,8 @@ def one_step_runs(shared_data, tmp_path_factory):
     """One real step of the recipe on 6 devices in one process and on 2 processes x 3 devices, run
     side by side (much of a run is single-threaded host work)."""
     data = shared_data / "stsb_zh_triples" / "bge_finetune_data.jsonl"
-    # With the model shrunk, a chunk of 128 rows a device holds less than the recipe's 16 rows of
-    # BERT-large; fewer, larger chunks keep the per-chunk weight gathers of 2 processes few.
     common = shrunk(shared_data, f"--config.data.train_files={data}", "--config.train.steps=1",
-                    "--config.train.export=false", "--config.train.encode_chunk=128")
+                    "--config.train.export=false")
     workdirs = {name: tmp_path_factory.mktemp(f"paper{name}") for name in ("6", "2x3")}
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=6", PYTHONUNBUFFERED="1")
     started = {

@@ -1,5 +1,7 @@
 """The sharded, chunked, remat-ed step computes the plain full-batch loss and gradient."""
 
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -217,6 +219,60 @@ def test_only_embeddings_and_weights_cross_devices(mesh_sizes):
     assert gathered_embeddings
     if "fsdp" in mesh_sizes:
         assert any("all-gather" == op for _, op in moved)
+
+
+def loop_collectives(hlo: str) -> list[str]:
+    """The collective ops of compiled HLO text that sit inside a while loop's body (or in a
+    computation such a body calls), as "computation: op"."""
+    import re
+
+    computation, calls, bodies, found = None, {}, set(), []
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            computation = header.group(1)
+            continue
+        if computation is None:
+            continue
+        bodies.update(re.findall(r"body=%?([\w.\-]+)", line))
+        for callee in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line):
+            calls.setdefault(callee, set()).add(computation)
+        op = re.search(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", line)
+        if op:
+            found.append((computation, op.group(1)))
+
+    def in_loop(name, seen=frozenset()):
+        return name in bodies or any(in_loop(caller, seen | {name}) for caller in calls.get(name, set()) - seen)
+
+    return [f"{name}: {op}" for name, op in found if in_loop(name)]
+
+
+def test_no_collective_runs_inside_the_chunk_or_block_loops():
+    """Chunks of one row and blocks of one query make loops of many iterations; weights are
+    gathered, and the weight and embedding gradients summed over devices, once a step, never once
+    an iteration (a per-chunk all-reduce of the whole weight gradient is what made a 2-process CPU
+    step twice as slow as one process, and costs a cluster the model's size each chunk)."""
+    texts = make_batch(2)
+    step, state, _, batch = compiled_step({"data": 2, "fsdp": 4}, texts, encode_chunk=1)
+    hlo = step.lower(state, batch).compile().as_text()
+    assert "while" in hlo and re.search(r"all-(gather|reduce)", hlo)
+    assert loop_collectives(hlo) == []
+
+
+def test_dropout_of_a_batch_split_into_shards_is_the_whole_batchs():
+    """The step encodes each batch shard with its own copy of the weights; given (seed, shard),
+    every shard gets the dropout masks its rows get in the whole batch."""
+    model = EmbeddingModel(TINY, pooling="mean", normalize=True)
+    params = nn.unbox(model.init(jax.random.key(3)))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, TINY.vocab_size, (8, 16)).astype(np.int32)
+    mask = (np.arange(16)[None, :] < rng.integers(4, 17, (8, 1))).astype(np.int32)
+    seed = jnp.uint32(1234)
+    whole = model.embed(params, ids, mask, dropout_seed=seed)
+    shards = jax.vmap(lambda i, m, s: model.embed(params, i, m, dropout_seed=(seed, s)))(
+        ids.reshape(4, 2, 16), mask.reshape(4, 2, 16), jnp.arange(4, dtype=jnp.uint32))
+    np.testing.assert_allclose(shards.reshape(8, -1), whole, atol=1e-6)
+    assert np.abs(whole - model.embed(params, ids, mask)).max() > 1e-3  # dropout is on
 
 
 def test_train_step_learns_and_reports_metrics():

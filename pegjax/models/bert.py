@@ -18,7 +18,9 @@ layer body is traced and compiled once, whatever the depth. On the CPU the scan 
 **Dropout** draws its keep-mask from a counter-based hash of (seed, call site, element index)
 instead of threefry: it is a few integer operations per element that fuse into the surrounding
 kernel, gives the same mask in the forward pass and in its recomputation, and does not depend on
-how the array is sharded. ``dropout_seed`` ([] uint32) switches it on.
+how the array is sharded. ``dropout_seed`` ([] uint32) switches it on; ``(seed, shard)`` encodes
+rows ``shard * B ..`` of a larger batch split into equal shards of B rows (the training step's
+per-shard encoder calls) with the masks those rows get in the whole batch.
 
 Layout of the parameters (all float32 unless ``param_dtype`` says otherwise; n = layers)::
 
@@ -119,12 +121,16 @@ def _hash32(x):
 def dropout(x, rate: float, seed, site: int):
     """Inverted dropout: x * keep / (1 - rate), keep ~ Bernoulli(1 - rate) per element.
 
-    x: any shape and float dtype; seed: [] uint32 (None: no dropout); site: an int distinct for
+    x: any shape and float dtype, rows leading; seed: [] uint32, or (seed, shard) when x is shard
+    ``shard`` of a batch split into equal row shards (None: no dropout); site: an int distinct for
     every call site of one forward pass. The mask is a hash of (seed, site, the element's index in
-    x), so it is the same wherever and however often it is computed.
+    the whole batch), so it is the same wherever, however often and however split it is computed.
     """
     if seed is None or rate <= 0.0:
         return x
+    shard = None
+    if isinstance(seed, tuple):
+        seed, shard = seed
     if x.size >= 2**32:
         raise ValueError(f"dropout over {x.size} elements: at most 2**32 - 1 per call; use a smaller encode chunk")
     index = jnp.zeros(x.shape, jnp.uint32)
@@ -132,6 +138,8 @@ def dropout(x, rate: float, seed, site: int):
     for dim in reversed(range(x.ndim)):
         index = index + lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
         stride *= x.shape[dim]
+    if shard is not None:  # the element's index in the whole batch: earlier shards come first
+        index = index + jnp.asarray(shard, jnp.uint32) * jnp.uint32(x.size)
     key = _hash32(seed.astype(jnp.uint32) ^ jnp.uint32((site * 0x9E3779B9) & 0xFFFFFFFF))
     bits = _hash32(index ^ key)
     keep = bits >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
@@ -354,7 +362,10 @@ class BertEncoder(nn.Module):
         seeds = None
         if dropout_seed is not None:
             # One seed per layer (scanned); site 3 of the step's own seed for the embedding dropout.
-            seeds = _hash32(dropout_seed.astype(jnp.uint32) + jnp.arange(1, layers + 1, dtype=jnp.uint32))
+            seed, shard = dropout_seed if isinstance(dropout_seed, tuple) else (dropout_seed, None)
+            seeds = _hash32(seed.astype(jnp.uint32) + jnp.arange(1, layers + 1, dtype=jnp.uint32))
+            if shard is not None:
+                seeds = (seeds, jnp.broadcast_to(jnp.asarray(shard, jnp.uint32), (layers,)))
             hidden = dropout(hidden, cfg.hidden_dropout_prob, dropout_seed, site=3)
         hidden = hidden.astype(self.dtype)
         bias = attention_bias(segment_ids, packed)
