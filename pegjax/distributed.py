@@ -10,12 +10,38 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 import numpy as np
 
 _ROUNDS = itertools.count()
 
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+# glibc keeps XLA's large temporary buffers in its heap (and backs them with transparent huge
+# pages) instead of mapping and faulting them in afresh on every use: 12.6M -> 0.5M page faults in a
+# medical_zh step, ~8% of a training step and ~13% of encoding on a 2-core CPU (bench/RESULTS.md).
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+
+
+def restart_with_tuned_malloc() -> None:
+    """Re-executes this command with ``MALLOC_TUNABLES`` (glibc reads them only at start), once.
+
+    Called first thing by the command-line entry points, never from a library call. Does nothing
+    when ``GLIBC_TUNABLES`` is already set (a user's own setting wins; ``GLIBC_TUNABLES=`` opts out)
+    or off glibc Linux.
+    """
+    if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux") or not hasattr(sys, "orig_argv"):
+        return
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return
+    os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
 
 
 def use_cpu_cores() -> None:
