@@ -193,7 +193,6 @@ def compiled_step(mesh_sizes, texts, loss_config=None, encode_chunk=1):
 def test_only_embeddings_and_weights_cross_devices(mesh_sizes):
     """The compiled 8-device step all-gathers embeddings ([Q|P|P+Q, D]) and, under FSDP, whole
     weights; never a token-level activation (anything with a sequence dimension)."""
-    import re
 
     query_len, passage_len = 10, 14  # lengths no other dimension shares
     texts = make_batch(0, query_len=query_len, passage_len=passage_len)
@@ -224,7 +223,6 @@ def test_only_embeddings_and_weights_cross_devices(mesh_sizes):
 def loop_collectives(hlo: str) -> list[str]:
     """The collective ops of compiled HLO text that sit inside a while loop's body (or in a
     computation such a body calls), as "computation: op"."""
-    import re
 
     computation, calls, bodies, found = None, {}, set(), []
     for line in hlo.splitlines():
