@@ -1,0 +1,73 @@
+"""The encoder's parameter gradients equal torch's, for the same model and real texts.
+
+The forward pass is checked against sentence-transformers in test_encode.py; this checks the
+backward pass, which pegjax writes partly by hand (the dense layers' products,
+`pegjax.models.bert._project_bwd`) and partly leaves to autodiff (attention, LayerNorm, pooling).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from pegjax.data.packing import RowGeometry, pack, rows_needed
+from pegjax.encode import Encoder
+from pegjax.models.hf import params_to_hf
+
+LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def texts(mixed_texts):
+    # English abstracts (truncated at 64 tokens), English claims, Chinese questions and answers.
+    return mixed_texts[:4] + mixed_texts[90:94] + mixed_texts[120:124] + mixed_texts[210:212]
+
+
+@pytest.fixture(scope="module")
+def torch_gradients(minilm_path, texts):
+    """d/dparams of sum(embeddings * probe) through sentence-transformers (mean pooling, L2 norm)."""
+    model = SentenceTransformer(minilm_path, device="cpu").eval()  # eval: no dropout
+    model.max_seq_length = LENGTH
+    features = model.preprocess(texts)
+    probe = torch.from_numpy(_probe(len(texts)))
+    (model(features)["sentence_embedding"] * probe).sum().backward()
+    bert = model[0].auto_model
+    return {name: p.grad.numpy() for name, p in bert.named_parameters() if p.grad is not None}
+
+
+def _probe(n: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, 384)).astype(np.float32)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_parameter_gradients_equal_torch(minilm_path, texts, torch_gradients, packed):
+    encoder = Encoder.from_pretrained(minilm_path, max_length=LENGTH)
+    model = encoder.model
+    batch = encoder.tokenizer(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
+    ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
+    probe = jnp.asarray(_probe(len(texts)))
+    if packed:
+        geometry = RowGeometry(texts=len(texts), rows=rows_needed(mask.sum(1), 2 * LENGTH, 4), length=2 * LENGTH,
+                               slots=4, max_chunk=64)
+        tokens, segments, slots = pack(ids, mask, geometry)
+        assert geometry.rows < len(texts)  # several texts share a row
+
+        def embed(params):
+            return model.embed_packed(params, tokens, segments, geometry.slots).reshape(-1, 384)[slots]
+    else:
+        def embed(params):
+            return model.embed(params, ids, mask)
+
+    grads = jax.grad(lambda params: jnp.sum(embed(params) * probe))(encoder.params)
+    got = params_to_hf(grads, model.config)
+    assert set(got) == set(torch_gradients)  # every parameter that gets a gradient in torch, and no other
+    for name, expected in torch_gradients.items():
+        error = np.abs(got[name] - expected).max()
+        if name.endswith("attention.self.key.bias"):
+            # Softmax ignores a shift of a query's scores, so this gradient is zero: both sides
+            # give rounding noise.
+            assert error <= 1e-6 and np.abs(got[name]).max() <= 1e-6, name
+        else:
+            assert error <= 2e-5 * np.abs(expected).max(), name
