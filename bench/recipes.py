@@ -2,6 +2,11 @@
 
     python -m bench.recipes --recipe=medical_zh [--seeds=0,1,2] [--out=runs/recipes]
     python -m bench.recipes --recipe=scifact [--seeds=0]
+    python -m bench.recipes --recipe=medical_zh --seeds=1 --name=steps56 \
+        --set train.steps=56 --set progressive.beta.steps=56 --set progressive.gamma.steps=56
+
+``--set KEY=VALUE`` (repeatable) changes the recipe's config for a variant (VALUE read as a Python
+literal, else a string); ``--name`` keeps the variant's runs apart from the recipe's.
 
 medical_zh: the train queries are split once (the quality study's split: 500 held out, never
 trained or tuned on); ``configs/peg.py:medical_zh`` runs unchanged except that it mines and trains
@@ -19,6 +24,7 @@ whose report exists under --out is not repeated.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -61,11 +67,19 @@ def medical_zh_split(out: str) -> str:
     return folder
 
 
-def config_of(recipe: str, seed: int, out: str):
+def config_of(recipe: str, seed: int, out: str, overrides: dict | None = None):
     import ml_collections
 
     c = _recipe(recipe)
     c.unlock()
+    for key, value in (overrides or {}).items():
+        parent, _, leaf = key.rpartition(".")
+        node = c
+        for part in parent.split(".") if parent else ():
+            node = node[part]
+        if leaf not in node:
+            raise SystemExit(f"--set {key}: the {recipe} recipe's config has no such key")
+        node[leaf] = value
     c.seed = seed
     c.train.export = False
     c.train.async_checkpoints = False
@@ -97,23 +111,36 @@ def main():
     parser.add_argument("--recipe", default="medical_zh", choices=["medical_zh", "scifact"])
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default=str(REPO / "runs" / "recipes"))
+    parser.add_argument("--name", default=None, help="the run folder under --out (default: the recipe's name)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config change for a variant, e.g. optimizer.learning_rate.peak=1e-4")
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE")
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text
     from pegjax import train
 
     rows = []
     for seed in (int(s) for s in args.seeds.split(",") if s):
-        workdir = os.path.join(args.out, args.recipe, f"seed{seed}")
+        workdir = os.path.join(args.out, args.name or args.recipe, f"seed{seed}")
         report_path = os.path.join(workdir, "report.json")
         if not os.path.isfile(report_path):
             begin = time.perf_counter()
-            report = train.train_and_evaluate(config_of(args.recipe, seed, args.out), workdir)
+            report = train.train_and_evaluate(config_of(args.recipe, seed, args.out, overrides), workdir)
             report["wall_seconds"] = round(time.perf_counter() - begin, 1)
             with open(report_path, "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)
         with open(report_path, encoding="utf-8") as f:
             rows.append((seed, json.load(f)))
     metric = "heldout/ndcg@10" if args.recipe == "medical_zh" else "scifact/ndcg@10"
-    print(f"\n{args.recipe}: {metric} on {cpu_model()}")
+    changes = "".join(f", {k}={v}" for k, v in overrides.items())
+    print(f"\n{args.recipe}{changes}: {metric} on {cpu_model()}")
     if args.recipe == "medical_zh":
         print(f"  char uni+bigram BM25: {bm25_heldout(args.out):.4f}")
     for seed, report in rows:
