@@ -193,9 +193,7 @@ def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: i
     # The 1/sqrt(K) scale goes on the query, K times smaller than the scores: scaling the scores
     # makes XLA:CPU materialise the scale as a constant of the full [B, H, L, L] shape.
     query = query * jnp.asarray(1 / query.shape[-1] ** 0.5, query.dtype)
-    scores = jnp.matmul(
-        heads_major(query), heads_major(key).transpose(0, 1, 3, 2), preferred_element_type=jnp.float32
-    )  # [B, H, L, L]
+    scores = _scores(heads_major(query), heads_major(key))  # [B, H, L, L]
     scores = scores + bias
     # Softmax with the division deferred past the value product: it divides [B, H, L, K] instead of
     # [B, H, L, L] and lets XLA fuse the exponential into one pass (forward ~2.4x faster on CPU).
@@ -203,8 +201,61 @@ def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: i
     weights = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total = jnp.sum(weights, axis=-1, keepdims=True)
     weights = dropout(weights, dropout_rate, seed, site)
-    context = jnp.matmul(weights.astype(value.dtype), heads_major(value), preferred_element_type=jnp.float32)
+    context = _weighted_sum(weights.astype(value.dtype), heads_major(value))
     return (context / total).astype(value.dtype).transpose(0, 2, 1, 3)
+
+
+def _per_head(a, b, contract_a: int, contract_b: int):
+    """Products over [B, H, ...] operands, batched over (B, H), accumulated in float32."""
+    dims = (((contract_a,), (contract_b,)), ((0, 1), (0, 1)))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _flipped(a, b):
+    """a [B, H, M, K] and b [B, H, M, N] -> a^T b transposed, [B, H, N, K] float32.
+
+    The gradient of a product's right operand is b^T a here; XLA:CPU runs that product with the
+    [M, N] side transposed, ~2.2x slower than a^T b (bench/layer.py). The barrier keeps XLA from
+    folding the small [K, N] transpose back into the product."""
+    return lax.optimization_barrier(_per_head(a, b, 2, 2)).transpose(0, 1, 3, 2)
+
+
+@jax.custom_vjp
+def _scores(query, key):
+    """query [B, H, L, K] times key [B, H, M, K] transposed -> [B, H, L, M] float32."""
+    return _per_head(query, key, 3, 3)
+
+
+def _scores_fwd(query, key):
+    return _scores(query, key), (query, key)
+
+
+def _scores_bwd(residual, grad):
+    query, key = residual
+    grad = grad.astype(query.dtype)
+    return _per_head(grad, key, 3, 2).astype(query.dtype), _flipped(query, grad).astype(key.dtype)
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
+@jax.custom_vjp
+def _weighted_sum(weights, value):
+    """weights [B, H, L, M] times value [B, H, M, K] -> [B, H, L, K] float32."""
+    return _per_head(weights, value, 3, 2)
+
+
+def _weighted_sum_fwd(weights, value):
+    return _weighted_sum(weights, value), (weights, value)
+
+
+def _weighted_sum_bwd(residual, grad):
+    weights, value = residual
+    grad = grad.astype(value.dtype)
+    return _per_head(grad, value, 3, 3).astype(weights.dtype), _flipped(grad, weights).astype(value.dtype)
+
+
+_weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)
 
 
 def _matmul_2d(x, kernel, contract: int):
