@@ -212,11 +212,12 @@ def _per_head(a, b, contract_a: int, contract_b: int):
 
 
 def _flipped(a, b):
-    """a [B, H, M, K] and b [B, H, M, N] -> a^T b transposed, [B, H, N, K] float32.
+    """a [B, H, M, K] and b [B, H, M, N] -> b^T a, [B, H, N, K] float32, computed as (a^T b)^T.
 
-    The gradient of a product's right operand is b^T a here; XLA:CPU runs that product with the
-    [M, N] side transposed, ~2.2x slower than a^T b (bench/layer.py). The barrier keeps XLA from
-    folding the small [K, N] transpose back into the product."""
+    The attention's key and value gradients have this form (dS^T Q, P^T dO). Taken directly,
+    XLA:CPU runs the product with the large [M, N] operand transposed, ~2.2x slower than a^T b on
+    one core; bench/attention.py times the whole backward against the autodiff form. The barrier
+    keeps XLA from folding the small [K, N] transpose back into the product."""
     return lax.optimization_barrier(_per_head(a, b, 2, 2)).transpose(0, 1, 3, 2)
 
 
