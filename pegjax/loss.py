@@ -207,11 +207,20 @@ def contrastive_loss(
         loss = jnp.where(real, total - positive_score, 0.0)
         hardest = jnp.where(count > 0, jnp.where(negative, fixed, -jnp.inf).max(-1), 0.0)
         others = jnp.maximum(candidate_valid.sum() - 1, 1)  # the real candidates besides the positive
+        # Where the negatives' pull goes: their share of the denominator, q_ij ~ w_ij exp(s_ij).
+        log_share = jnp.where(negative, lax.stop_gradient(weighted), -jnp.inf)
+        log_share = log_share - jnp.where(count[..., None] > 0, jax.nn.logsumexp(log_share, axis=-1, keepdims=True), 0.0)
+        share = jnp.where(negative, jnp.exp(log_share), 0.0)
+        entropy = -(share * jnp.where(negative, log_share, 0.0)).sum(-1)
+        own = negative & (columns // group == index[..., None]) & (columns < num_passages)
         stats = (
             positive_score * tau,
             hardest * tau,
             (others - count) / others,
             (count > 0).astype(jnp.float32),
+            jnp.where(count > 0, jnp.exp(entropy), 0.0),
+            (share * own).sum(-1),
+            jnp.where(own, jnp.exp(log_weight), 0.0).sum(-1) / jnp.maximum(count, 1),
         )
         return carry, (loss, stats)
 
@@ -231,18 +240,26 @@ def contrastive_loss(
         ),
     )
     losses = from_blocks(losses)
-    positive_cos, hardest_cos, masked, has_negative = (from_blocks(s) for s in stats)
+    positive_cos, hardest_cos, masked, has_negative, effective, own_share, own_weight = (from_blocks(s) for s in stats)
     weights = lax.stop_gradient(QUERY_WEIGHTS[config.query_weight](lax.stop_gradient(losses), gamma, valid))
     loss = (weights * losses).sum() / jnp.maximum(weights.sum(), 1e-12)
     real = valid.astype(jnp.float32)
     count = jnp.maximum(real.sum(), 1.0)
     mean = lambda x: (x * real).sum() / count  # noqa: E731
+    with_negative = lambda x: (x * has_negative * real).sum() / jnp.maximum((has_negative * real).sum(), 1.0)  # noqa: E731
     metrics = {
         "loss": loss,
         "unweighted_loss": mean(losses),
         "positive_cosine": mean(positive_cos),
-        "hardest_negative_cosine": (hardest_cos * has_negative * real).sum() / jnp.maximum((has_negative * real).sum(), 1.0),
+        "hardest_negative_cosine": with_negative(hardest_cos),
         "masked_fraction": mean(masked),
+        # Over the queries with a negative: exp(entropy) of the negatives' share of the softmax
+        # denominator (how many negatives the gradient really pushes against), the share that is
+        # the query's own mined hard negatives, and the share of beta's weights w_ij / N_i on them
+        # (at beta = 0: their count over N_i).
+        "effective_negatives": with_negative(effective),
+        "hard_negative_share": with_negative(own_share),
+        "hard_negative_weight": with_negative(own_weight),
         "query_weight_min": jnp.where(valid, weights, jnp.inf).min(),
     }
     return loss, metrics

@@ -148,3 +148,33 @@ def test_a_query_on_two_rows_masks_each_rows_positive_for_the_other():
     others = count * group + count - 1
     # Two rows each lose the other's positive and the other's query column.
     assert float(masked["masked_fraction"]) - float(plain["masked_fraction"]) == pytest.approx(2 * 2 / others / count)
+
+
+@pytest.mark.parametrize("beta", [0.0, 4.0])
+def test_negative_diagnostics_equal_a_dense_computation(beta):
+    """effective_negatives, hard_negative_share and hard_negative_weight are what a user reads to
+    see where the loss pushes: checked against numpy over the whole score matrix."""
+    rng = np.random.default_rng(4)
+    queries_count, group, tau = 10, 3, 0.1
+    queries = random_embeddings(rng, queries_count, dim=16)
+    passages = random_embeddings(rng, queries_count * group, dim=16)
+    config = LossConfig(group_size=group, temperature=tau, query_block=3)
+    _, got = contrastive_loss(queries, passages, np.zeros(len(passages), np.int32),
+                              np.zeros((queries_count, 1), np.int32), beta, 0.0, config, shards=2)
+
+    scores = queries.astype(np.float64) @ passages.T.astype(np.float64) / tau
+    effective, share, weight = [], [], []
+    for i in range(queries_count):
+        negative = np.arange(len(passages)) != i * group
+        s = scores[i, negative]
+        w = np.exp(beta * s) / np.exp(beta * s).sum() * len(s)
+        q = w * np.exp(s) / (w * np.exp(s)).sum()
+        own = (np.arange(len(passages))[negative] // group) == i
+        effective.append(np.exp(-(q * np.log(q)).sum()))
+        share.append(q[own].sum())
+        weight.append(w[own].sum() / len(s))
+    np.testing.assert_allclose(float(got["effective_negatives"]), np.mean(effective), rtol=1e-4)
+    np.testing.assert_allclose(float(got["hard_negative_share"]), np.mean(share), rtol=1e-4)
+    np.testing.assert_allclose(float(got["hard_negative_weight"]), np.mean(weight), rtol=1e-4)
+    if beta == 0.0:  # uniform weights: the own negatives' count over all negatives
+        np.testing.assert_allclose(float(got["hard_negative_weight"]), (group - 1) / (len(passages) - 1), rtol=1e-5)
