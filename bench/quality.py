@@ -1,7 +1,7 @@
 """Does the PEG recipe work? Its three claims, at small scale, on real data, with seeds.
 
     python -m bench.quality [--out=runs/quality] [--tasks=scifact,medical_zh_e5,medical_zh] [--seeds=0,1,2]
-                            [--groups=core,sweep,schedules] [--report_only]
+                            [--groups=core,sweep,schedules] [--sweep=16,171] [--report_only]
 
 For each task the same training budget (the same number of training queries seen) is spent on:
 
@@ -309,15 +309,16 @@ class Run:
         return max(self.task.queries_seen // self.batch, 1)
 
 
-def plan(tasks, seeds, groups) -> list[Run]:
-    """Core variants first (all seeds), then the sweep, then the other schedules."""
+def plan(tasks, seeds, groups, sweep=None) -> list[Run]:
+    """Core variants first (all seeds), then the sweep (``sweep``: these batches instead of each
+    task's), then the other schedules."""
     runs = []
     for group in groups:
         for seed in seeds:
             for name in tasks:
                 task = TASKS[name]
                 if group == "sweep":
-                    runs += [Run(task, "peg", b, seed) for b in task.sweep if b != task.batch]
+                    runs += [Run(task, "peg", b, seed) for b in (sweep or task.sweep) if b != task.batch]
                 else:
                     runs += [Run(task, v, task.batch, seed) for v in GROUPS[group]]
     return runs
@@ -419,6 +420,7 @@ def main():
     parser.add_argument("--tasks", default="scifact,medical_zh_e5,medical_zh")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--groups", default="core,sweep,schedules")
+    parser.add_argument("--sweep", default="", help="Batches (queries a step) of the sweep, e.g. 16,171; default: each task's.")
     parser.add_argument("--report_only", action="store_true", help="Only write the tables and plots.")
     parser.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"), help="Page whose quality section is rewritten.")
     parser.add_argument("--plots", default=str(REPO / "bench" / "quality"), help="Folder of the PNG plots.")
@@ -442,7 +444,7 @@ def main():
     if not args.report_only:
         for name in tasks:
             starting_point(TASKS[name], paths[name], args.out)
-        runs = plan(tasks, seeds, groups)
+        runs = plan(tasks, seeds, groups, [int(b) for b in args.sweep.split(",") if b])
         for i, run in enumerate(runs):
             report = execute(run, paths[run.task.name], args.out)
             after = report.get("after", {})

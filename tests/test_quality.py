@@ -46,6 +46,7 @@ def test_batch_sweep_keeps_the_epochs(tmp_path):
     assert {c.train.queries_per_step * c.train.steps for c in configs} == {task.queries_seen}
     names = [run.name for run in quality.plan(["scifact"], [0], ["sweep"])]
     assert names == [f"peg@{b}" for b in task.sweep if b != task.batch]
+    assert [run.name for run in quality.plan(["scifact"], [0], ["sweep"], sweep=[16, 171])] == ["peg@171"]
 
 
 def _fake_run(out, task, name, seed, ndcg, split="test"):
