@@ -61,10 +61,12 @@ def summary(seeds: list[dict], split: str) -> dict:
     out = {"seeds": len(seeds)}
     for metric in REPORTED + ("validation/ndcg@10",):
         key = metric if "/" in metric else f"{split}/{metric}"
-        values = np.array([s["report"]["after"][key] for s in seeds if key in s["report"].get("after", {})])
+        having = sorted((s for s in seeds if key in s["report"].get("after", {})), key=lambda s: s["seed"])
+        values = np.array([s["report"]["after"][key] for s in having])
         if len(values):
             out[metric] = dict(mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                               min=float(values.min()), max=float(values.max()), values=values.tolist())
+                               min=float(values.min()), max=float(values.max()), values=values.tolist(),
+                               seeds=[s["seed"] for s in having])
     out["train_seconds"] = float(np.mean([s["report"].get("train_seconds", np.nan) for s in seeds]))
     return out
 
@@ -84,7 +86,13 @@ def verdict(better: dict, worse: dict, metric: str = "ndcg@10") -> str:
         word = "**reversed**: every seed below every seed of the other"
     else:
         word = "**not shown**: the seeds' ranges overlap"
-    return f"{gain:+.4f} (largest std {spread:.4f}): {word}"
+    paired = ""
+    if better[metric].get("seeds") and better[metric].get("seeds") == worse[metric].get("seeds"):
+        # The same seed is the same data order (and init): the difference seed by seed.
+        differences = np.array(better[metric]["values"]) - np.array(worse[metric]["values"])
+        paired = (f"; seed by seed {', '.join(f'{d:+.4f}' for d in differences)} "
+                  f"({(differences > 0).sum()} of {len(differences)} above)")
+    return f"{gain:+.4f} (largest std {spread:.4f}): {word}{paired}"
 
 
 def _cell(stats: dict, metric: str) -> str:
@@ -99,8 +107,9 @@ def _cell(stats: dict, metric: str) -> str:
 def setup_line(task) -> str:
     o = task.overrides
     if o["model.path"]:
-        model = {"minilm": "all-MiniLM-L6-v2", "e5": "multilingual-e5-small (4-bit rounded, word embeddings frozen)"}.get(
-            o["model.path"], o["model.path"]) + " (pretrained)"
+        model = {"minilm": "all-MiniLM-L6-v2, pretrained",
+                 "e5": "multilingual-e5-small, pretrained (4-bit rounded weights; word embeddings frozen)"}.get(
+            o["model.path"], f"{o['model.path']}, pretrained")
     else:
         model = (f"BERT from random init, {o['model.random_init.num_hidden_layers']} layers x "
                  f"{o['model.random_init.hidden_size']} hidden, bert-base-chinese vocabulary")

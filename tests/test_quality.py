@@ -85,7 +85,8 @@ def test_report_tables_verdicts_and_plots(tmp_path):
     assert page.startswith("# Benchmark results\n\nkept text\n")
     assert "| 1. InfoNCE, in-batch negatives only | 16 | 16 | 20 | 0.5100 ± 0.0100 |" in page
     assert "| 3. + progressive weighting (PEG) | 16 | 96 | 20 | 0.6000 ± 0.0100 |" in page
-    assert "hard negatives help (2 vs 1): +0.1000 (largest std 0.0100): **holds**" in page
+    assert ("hard negatives help (2 vs 1): +0.1000 (largest std 0.0100): **holds**: every seed above every seed of "
+            "the other; seed by seed +0.1000, +0.0900, +0.1100 (3 of 3 above)") in page
     assert "progressive weighting helps beyond them (3 vs 2): -0.0100 (largest std 0.0100): **not shown**" in page
     assert "(batch 16 vs 8, 96 vs 48 passages a step): +0.1000" in page
     # The diagnostics: means over the second half of the logged steps (steps 11-20) and the seeds.
