@@ -147,8 +147,10 @@ def task_section(task, runs: dict, start: dict, plots_rel: str) -> list[str]:
     lines += ["", "Mean ± sample standard deviation over seeds (a bare figure: one seed). s / run: wall time of the training loop, its "
               "validation evaluations included, the final evaluation not.", "",
               "Claims (difference of mean nDCG@10 on the reported split):", ""]
-    lines.append(f"- hard negatives help (2 vs 1): {verdict(stats.get('hardneg', {}), stats.get('inbatch', {}))}")
-    lines.append(f"- progressive weighting helps beyond them (3 vs 2): {verdict(stats.get('peg', {}), stats.get('hardneg', {}))}")
+    for claim, better, worse in (("hard negatives help (2 vs 1)", "hardneg", "inbatch"),
+                                 ("progressive weighting helps beyond them (3 vs 2)", "peg", "hardneg")):
+        if better in stats and worse in stats:  # a study of the sweep alone has neither
+            lines.append(f"- {claim}: {verdict(stats[better], stats[worse])}")
     sweep = sorted((batch_of(n, task), n) for n in stats if n == "peg" or n.startswith("peg@"))
     if len(sweep) > 1:
         small, large = sweep[0], sweep[-1]
@@ -333,12 +335,15 @@ def plot_negatives(task, runs: dict, path: str) -> None:
             if x is not None:
                 width = max(len(x) // 20, 1)
                 ax.plot(x[width - 1:] if width > 1 else x, _smooth(y, width).mean(0), label=label)
-    for name in ("peg", "peg_beta1", "peg_beta4"):
-        if name in runs and runs[name][0]["log"]:
+    swept = sorted((n for n in runs if n.startswith("peg@")), key=lambda n: batch_of(n, task))
+    scheduled = [n for n in ("peg", "peg_beta1", "peg_beta4") if n in runs] or swept[:1]  # the sweep alone: its first
+    for name in scheduled:
+        if runs[name][0]["log"]:
             log = [r for r in runs[name][0]["log"] if "beta" in r]
-            seen = [r["step"] * task.batch for r in log]
-            axes[2].plot(seen, [r["beta"] for r in log], label=f"beta ({LABELS[name]})")
-            if name == "peg":
+            seen = [r["step"] * batch_of(name, task) for r in log]
+            label = LABELS.get(name.split("@")[0], name) + (f" (batch {batch_of(name, task)})" if "@" in name else "")
+            axes[2].plot(seen, [r["beta"] for r in log], label=f"beta ({label})")
+            if name == scheduled[0]:
                 axes[2].plot(seen, [r["gamma"] for r in log], linestyle="--", label="gamma")
     axes[0].set(title=f"{task.name}: effective negatives (exp entropy)", xlabel="training queries seen", yscale="log")
     axes[1].set(title=f"{task.name}: share of the pull on the mined negatives", xlabel="training queries seen")
