@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pooling = "cls"  # cls | mean (the PEG model card pools CLS)
     c.model.normalize = True
     c.model.dtype = "bfloat16"  # compute dtype; params stay float32
+    # Compute dtype of the encodes for mining and evaluation: "" = model.dtype; "auto" = bfloat16
+    # where the hardware runs it fast (GPU, TPU, a CPU with AVX512-BF16 or AMX), else model.dtype.
+    c.model.encode_dtype = ""
     c.model.dropout = True
     c.model.frozen = ""  # parameter path prefixes never trained, comma-separated, e.g. "embeddings/word_embeddings"
 
@@ -113,11 +116,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _cpu_sized(c, *, queries: int, steps: int, peak: float, warmup: int, end_fraction: float = 0.0, chunk: int,
                temperature: float) -> None:
-    """The shared shape of the laptop-sized recipes: a mean-pooled float32 model without dropout,
+    """The shared shape of the laptop-sized recipes: a mean-pooled float32 model without dropout
+    (its encodes for mining and evaluation in bf16 where the CPU runs that fast),
     data parallel over the CPU cores, one query block, the progressive schedules and the linear
     learning rate over the whole run, the step's rows in ``chunk`` rows per device."""
     c.model.pooling = "mean"
     c.model.dtype = "float32"
+    c.model.encode_dtype = "auto"  # mining and evaluation in bf16 where the CPU has AVX512-BF16 / AMX
     c.model.dropout = False
     c.train.queries_per_step = queries
     c.train.steps = steps

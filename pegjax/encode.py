@@ -142,6 +142,31 @@ class Encoder:
         out[rows] = np.asarray(embeddings)[: len(rows)]
 
 
+def fast_bfloat16() -> bool:
+    """Whether this backend runs bf16 products faster than float32 ones: accelerators do; a CPU
+    does when it has AVX512-BF16 or AMX (XLA:CPU then runs them ~2x faster; without, it converts
+    them to float32)."""
+    if jax.default_backend() != "cpu":
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def encode_dtype(setting: str, model_dtype: str) -> str:
+    """config.model.encode_dtype ("", "auto", "float32" or "bfloat16") -> the compute dtype."""
+    if setting == "":
+        return model_dtype
+    if setting == "auto":
+        return "bfloat16" if fast_bfloat16() else model_dtype
+    if setting not in ("float32", "bfloat16"):
+        raise ValueError(f"encode dtype {setting!r}: use '' (the model's dtype), auto, float32 or bfloat16")
+    return setting
+
+
 def _embed_unnormalized(model: EmbeddingModel, params, input_ids, attention_mask):
     """[B, L] int32 -> [B, D] float32 pooled, not normalised."""
     return dataclasses.replace(model, normalize=False).embed(params, input_ids, attention_mask)

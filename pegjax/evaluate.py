@@ -18,6 +18,7 @@ import numpy as np
 
 from pegjax import distributed, metrics, search, tasks
 from pegjax.data.retrieval import RetrievalData
+from pegjax.errors import UserError
 
 TABLE_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@10")
 
@@ -138,7 +139,7 @@ def main(argv):
     del argv
     from absl import flags
 
-    from pegjax.encode import Encoder
+    from pegjax.encode import Encoder, encode_dtype
 
     import jax
 
@@ -146,7 +147,11 @@ def main(argv):
     distributed.use_cpu_cores()
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     lead = jax.process_index() == 0
-    encoder = Encoder.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
+    try:
+        dtype = encode_dtype(FLAGS.dtype, "float32")
+    except ValueError as err:
+        raise UserError(f"--dtype: {err}") from None
+    encoder = Encoder.from_pretrained(FLAGS.model, dtype=dtype)
     report = evaluate_tasks(
         encoder, FLAGS.task, data_dir=FLAGS.data_dir, k_values=[int(k) for k in FLAGS.k],
         batch_size=FLAGS.batch_size, query_max_length=FLAGS.query_max_length,
@@ -178,7 +183,8 @@ def _define_flags():
                         "else the task's instruction, else none), e.g. 'query: ' for e5.")
     flags.DEFINE_string("passage_prompt", None, "Prepended to every passage (default: the model's document "
                         "prompt, else none), e.g. 'passage: ' for e5.")
-    flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
+    flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16, or auto (bfloat16 where the "
+                        "hardware runs it fast: GPU, TPU, a CPU with AVX512-BF16 or AMX).")
     flags.DEFINE_string("output", None, "Write the results JSON here.")
     flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without SLURM/TPU).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")

@@ -10,6 +10,7 @@ time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from pegjax import distributed, evaluate, export, geometry, mine, sharding
 from pegjax.checkpoint import Checkpoints
 from pegjax.data import training
 from pegjax.data.packing import RowGeometry, chunked_rows
-from pegjax.encode import Encoder
+from pegjax.encode import Encoder, encode_dtype
 from pegjax.errors import ConfigError
 from pegjax.loss import LossConfig
 from pegjax.metric_log import MetricLog
@@ -125,8 +126,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     prompts = {"query": config.data.query_prompt, "document": config.data.passage_prompt}
 
+    try:
+        encoding_model = dataclasses.replace(model, dtype=encode_dtype(config.model.get("encode_dtype", ""), model.dtype))
+    except ValueError as err:
+        raise ConfigError(f"config.model.encode_dtype: {err}") from None
+
     def encoder_of(params_now):
-        return Encoder(model, params_now, tokenizer, max_length, prompts={k: v for k, v in prompts.items() if v})
+        return Encoder(encoding_model, params_now, tokenizer, max_length, prompts={k: v for k, v in prompts.items() if v})
 
     tx, knobs = optimizer_and_schedules(config)
     state, state_sharding = create_state(model, tx, mesh, config.seed, params)
@@ -203,7 +209,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             logging.info("step %d evals: %s", at_step, flat)
         return flat
 
-    report = {"start_step": start}
+    report = {"start_step": start, "encode_dtype": encoding_model.dtype}
     if config.eval_at_start and start == 0:
         report["before"] = run_evals(0, final=True)
 

@@ -44,6 +44,7 @@ CASES = {
     "evaluate_missing_folder": ("pegjax.evaluate", ["--model=/no/such/folder", "--task=scifact"], "no config.json"),
     "evaluate_truncated_weights": ("pegjax.evaluate", ["--model={truncated}", "--task=scifact"], "truncated or not a safetensors"),
     "evaluate_bad_task": ("pegjax.evaluate", ["--model={minilm}", "--task=/no/such/task:test"], "no task could be evaluated"),
+    "evaluate_bad_dtype": ("pegjax.evaluate", ["--model={minilm}", "--task=scifact", "--dtype=fp16"], "--dtype: encode dtype 'fp16'"),
     "evaluate_foreign_model_type": ("pegjax.evaluate", ["--model={foreign}", "--task=scifact"], "model_type='deberta-v2' is not supported"),
     "mine_missing_folder": ("pegjax.mine", ["--queries=/no/such/beir", "--out={tmp}/mined.jsonl"], "a BEIR folder holds"),
     "mine_truncated_weights": ("pegjax.mine", ["--model={truncated}", "--queries={scifact}", "--out={tmp}/mined.jsonl"], "truncated"),
@@ -55,6 +56,8 @@ CASES = {
                          "config.model.frozen: embeddings/words names no parameter"),
     "main_bad_mining_window": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.data.mine_ranks=100:10"],
                                "config.data.mine_ranks='100:10'"),
+    "main_bad_encode_dtype": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.model.encode_dtype=half"],
+                              "config.model.encode_dtype: encode dtype 'half'"),
     "main_missing_data": ("pegjax.main", ["--config=configs/peg.py:paper", "--workdir={tmp}/run"], "config.data.train_files is empty"),
 }
 

@@ -6,7 +6,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from transformers import BertModel
 
-from pegjax.encode import Encoder
+from pegjax.encode import Encoder, encode_dtype, fast_bfloat16
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,14 @@ def test_bfloat16_compute_stays_close(minilm_path, minilm, mixed_texts):
     full = minilm.encode(mixed_texts)
     cosine = (half.encode(mixed_texts) * full).sum(axis=1)
     assert cosine.min() >= 0.999
+
+
+def test_encode_dtype_setting():
+    assert encode_dtype("", "float32") == "float32" and encode_dtype("", "bfloat16") == "bfloat16"
+    assert encode_dtype("bfloat16", "float32") == "bfloat16" and encode_dtype("float32", "bfloat16") == "float32"
+    assert encode_dtype("auto", "float32") == ("bfloat16" if fast_bfloat16() else "float32")
+    with pytest.raises(ValueError, match="encode dtype 'fp16': use '' \\(the model's dtype\\), auto, float32 or bfloat16"):
+        encode_dtype("fp16", "float32")
 
 
 def test_cls_pooling_equals_bert_model_first_token(minilm_path, mixed_texts):

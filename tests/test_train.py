@@ -368,9 +368,11 @@ def test_disk_use_stays_bounded_over_ten_evals(shared_data, train_file, tmp_path
     config.unlock()
     config.evals = {"tiny": {"task": f"{tiny_beir_folder(tmp_path / 'task')}:test", "log_steps": 1}}
     config.eval_at_start = True
+    config.model.encode_dtype = "bfloat16"  # the evals' encodes in bf16, training in float32
     config.lock()
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir))
+    report = train.train_and_evaluate(config, str(workdir))
+    assert report["encode_dtype"] == "bfloat16"
     evals = [line for line in map(json.loads, open(workdir / "metrics.jsonl")) if "tiny/ndcg@10" in line]
     assert len(evals) == 11
     assert len(os.listdir(workdir / "embedding_cache")) == 1
