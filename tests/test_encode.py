@@ -1,5 +1,8 @@
 """Embeddings equal the references (sentence-transformers, transformers' BertModel) on real text."""
 
+import logging
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -40,6 +43,21 @@ def test_bfloat16_compute_stays_close(minilm_path, minilm, mixed_texts):
     full = minilm.encode(mixed_texts)
     cosine = (half.encode(mixed_texts) * full).sum(axis=1)
     assert cosine.min() >= 0.999
+
+
+def test_a_new_encoder_of_the_same_model_compiles_nothing(minilm, mixed_texts, caplog):
+    """A training run builds an encoder for every eval (new params, same model): they share the
+    compiled shapes."""
+    texts = mixed_texts[:50]
+    minilm.encode(texts, max_length=64)
+    again = Encoder(minilm.model, jax.tree.map(lambda p: p * 1.0, minilm.params), minilm.tokenizer, 64)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            again.encode(texts, max_length=64)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage() and "_embed_unnormalized" in r.getMessage()]
 
 
 def test_encode_dtype_setting():
