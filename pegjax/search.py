@@ -69,7 +69,9 @@ def _search_slice(query_batches, corpus, valid_rows, offset, *, k, block, mesh):
         def body(carry, inputs):
             best, best_index = carry
             block_rows, block_number = inputs
-            scores = jnp.einsum("qd,nd->qn", queries, block_rows, preferred_element_type=jnp.float32)
+            # HIGHEST: a TPU's default float32 product rounds its inputs to bf16, which would not be exact
+            scores = jnp.einsum("qd,nd->qn", queries, block_rows, preferred_element_type=jnp.float32,
+                                precision=jax.lax.Precision.HIGHEST)
             row_ids = start + block_number * block + jnp.arange(block, dtype=jnp.int32)
             top, where = _block_top_k(scores, row_ids < offset + valid_rows, min(k, block))
             return _merge(best, best_index, top, row_ids[where], k), None
