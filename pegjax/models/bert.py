@@ -207,8 +207,7 @@ def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: i
 
 def _per_head(a, b, contract_a: int, contract_b: int):
     """Products over [B, H, ...] operands, batched over (B, H), accumulated in float32."""
-    dims = (((contract_a,), (contract_b,)), ((0, 1), (0, 1)))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return _dot(a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))))
 
 
 def _flipped(a, b):
