@@ -1,6 +1,7 @@
 """Training throughput on real data: pegjax's global step vs sentence-transformers' CachedMNRL.
 
     python -m bench.train_step [--queries 64] [--mini-batch 32] [--steps 2] [--data scifact,medical_zh]
+                               [--dtypes float32]
 
 Both sides train the same all-MiniLM-L6-v2 weights on the same real global batch: Q queries, each
 with its positive and 5 other passages (SciFact: claim -> cited abstract, other abstracts;
@@ -14,6 +15,11 @@ does; pegjax packs texts into fixed rows (`pegjax.data.packing`, rows chosen fro
 data as a training run chooses them) and uses one CPU device per core, as ``pegjax.main`` does.
 Both are timed warm (compilation / first call not counted), best of ``--steps``. Prints the CPU
 model, queries/s of each and the ratio.
+
+``--dtypes float32,bfloat16`` runs both sides once per compute dtype: pegjax with
+``EmbeddingModel(dtype=...)`` (float32 parameters and optimizer), sentence-transformers under
+``torch.autocast("cpu", bfloat16)`` for its forward and backward passes. With both, it also prints
+pegjax in bf16 against sentence-transformers' default, float32.
 """
 
 import argparse
@@ -86,7 +92,7 @@ def time_steps(step, steps):
     return best
 
 
-def pegjax_step(queries, groups, sample, args):
+def pegjax_step(queries, groups, sample, args, dtype):
     import jax
     import optax
 
@@ -100,7 +106,7 @@ def pegjax_step(queries, groups, sample, args):
 
     path = minilm_path()
     config, params = hf.load(path)
-    model = EmbeddingModel(config, pooling="mean", normalize=True)
+    model = EmbeddingModel(config, pooling="mean", normalize=True, dtype=dtype)
     tokenizer = load_tokenizer(path)
     mesh = sharding.make_mesh({"data": -1})
     shards = sharding.batch_shards(mesh)
@@ -136,7 +142,7 @@ def pegjax_step(queries, groups, sample, args):
     return run
 
 
-def reference_step(queries, groups, args):
+def reference_step(queries, groups, args, dtype):
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
@@ -157,8 +163,10 @@ def reference_step(queries, groups, args):
 
     def run():
         optimizer.zero_grad()
-        value = loss(columns, labels=None)
-        value.backward()
+        # CachedMNRL runs its second forward inside backward(): both under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            value = loss(columns, labels=None)
+            value.backward()
         optimizer.step()
 
     run.positions = run_tokens
@@ -173,6 +181,7 @@ def main():
     parser.add_argument("--passage-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--data", default="scifact,medical_zh")
+    parser.add_argument("--dtypes", default="float32", help="compute dtypes, each run on both sides")
     args = parser.parse_args()
     use_cpu_cores()
     import jax
@@ -184,19 +193,24 @@ def main():
           f"{args.passage_length}, mini-batch {args.mini_batch}, dropout 0.1 on both")
     for name in args.data.split(","):
         queries, groups, sample = DATA[name](args.queries)
-        ours_run = pegjax_step(queries, groups, sample, args)
-        ours = time_steps(ours_run, args.steps)
-        theirs_run = reference_step(queries, groups, args)
-        theirs = time_steps(theirs_run, args.steps)
-        real = ours_run.holder["metrics"]["real_tokens"]
-        fraction = ours_run.holder["metrics"]["real_token_fraction"]
-        rows = ", ".join(f"{k} {g.rows * ours_run.shards} rows x {g.length} ({g.slots} slots)" for k, g in ours_run.geometries.items())
-        print(f"\n{name}: {real:.0f} real tokens; pegjax packs them into {rows}: {fraction:.0%} real; "
-              f"sentence-transformers pads to {theirs_run.positions} positions: {real / theirs_run.positions:.0%} real")
-        print(f"  pegjax step                       {ours:7.2f} s  {len(queries) / ours:7.2f} queries/s")
-        print(f"  sentence-transformers CachedMNRL  {theirs:7.2f} s  {len(queries) / theirs:7.2f} queries/s")
-        print(f"  ratio pegjax / sentence-transformers  {theirs / ours:5.2f}x")
-
+        times = {}
+        for dtype in args.dtypes.split(","):
+            ours_run = pegjax_step(queries, groups, sample, args, dtype)
+            ours = time_steps(ours_run, args.steps)
+            theirs_run = reference_step(queries, groups, args, dtype)
+            theirs = time_steps(theirs_run, args.steps)
+            times[dtype] = ours, theirs
+            real = ours_run.holder["metrics"]["real_tokens"]
+            fraction = ours_run.holder["metrics"]["real_token_fraction"]
+            rows = ", ".join(f"{k} {g.rows * ours_run.shards} rows x {g.length} ({g.slots} slots)" for k, g in ours_run.geometries.items())
+            print(f"\n{name}, {dtype}: {real:.0f} real tokens; pegjax packs them into {rows}: {fraction:.0%} real; "
+                  f"sentence-transformers pads to {theirs_run.positions} positions: {real / theirs_run.positions:.0%} real")
+            print(f"  pegjax step                       {ours:7.2f} s  {len(queries) / ours:7.2f} queries/s")
+            print(f"  sentence-transformers CachedMNRL  {theirs:7.2f} s  {len(queries) / theirs:7.2f} queries/s")
+            print(f"  ratio pegjax / sentence-transformers  {theirs / ours:5.2f}x")
+        if "float32" in times and "bfloat16" in times:
+            print(f"  {name}: pegjax bf16 / sentence-transformers float32 (its default)  "
+                  f"{times['float32'][1] / times['bfloat16'][0]:5.2f}x")
 
 if __name__ == "__main__":
     from pegjax.distributed import restart_with_tuned_malloc

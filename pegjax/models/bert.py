@@ -290,12 +290,33 @@ def _project_bwd(contract, residual, grad):
     x2, g2 = x.reshape(-1, inner), grad.reshape(-1, outer)
     contract_rows = (((0,), (0,)), ((), ()))
     dx = _dot(g2, kernel.reshape(inner, outer), (((1,), (1,)), ((), ())))
-    if inner <= outer:
+    if _bf16_on_cpu(x2):
+        # The narrower operand transposed in memory, so that the product is a plain [n, tokens] x
+        # [tokens, m] one, which XLA:CPU runs in bf16 (~355 GFLOP/s on 2 AVX512-BF16 cores,
+        # against ~142 for the tokens-contracting form, which it converts to float32).
+        if inner <= outer:
+            dk = _dot(_transposed(x2), g2, (((1,), (0,)), ((), ())))
+        else:
+            dk = _transposed(_dot(_transposed(g2), x2, (((1,), (0,)), ((), ()))))
+    elif inner <= outer:
         dk = _dot(x2, g2, contract_rows)
     else:  # the product runs ~25% faster with the shorter side leading; the barrier keeps XLA
         # from folding the (small) transpose back into it
         dk = lax.optimization_barrier(_dot(g2, x2, contract_rows)).T
     return dx.reshape(x.shape).astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _transposed(x):
+    """x [M, N] -> x^T [N, M], transposed in memory (~0.5 ms for [8192, 384] bf16). A plain
+    transpose feeding a product is folded into it by XLA (the product then reads x transposed);
+    one through a 3-D shape is not."""
+    return x.reshape(x.shape[0], 1, x.shape[1]).transpose(2, 0, 1).reshape(x.shape[1], x.shape[0])
+
+
+def _bf16_on_cpu(x) -> bool:
+    """Whether a product of x runs on XLA:CPU in bf16, where a product contracting the left
+    operand's leading (token) axis is converted to float32 (~2.5x slower than its transposed form)."""
+    return x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
 _project.defvjp(_project_fwd, _project_bwd)
