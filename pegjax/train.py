@@ -30,7 +30,7 @@ from pegjax.errors import ConfigError
 from pegjax.loss import LossConfig
 from pegjax.metric_log import MetricLog
 from pegjax.models.bert import EmbeddingModel
-from pegjax.models.build import architecture, build_model
+from pegjax.models.build import architecture, build_model, compute_dtype
 from pegjax.step import (BATCH_KEYS, StepConfig, abstract_batch, batch_shardings, create_state, jit_train_step,
                          abstract_params, frozen_of, optimizer_and_schedules, state_layout, unmatched_frozen)
 
@@ -47,6 +47,7 @@ def check(config, need_data: bool = True) -> None:
     for path in filter(None, config.data.train_files.split(",")):
         if not os.path.isfile(path):
             raise ConfigError(f"config.data.train_files: {path} does not exist")
+    compute_dtype(config)
     if config.train.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}: use 'stop' or 'skip'")
     if need_data:
@@ -97,7 +98,7 @@ def dry_run(config, planned: geometry.Geometry):
     """Lowers the step of ``config`` on this job's mesh without data or weights (one text a row,
     the layout that needs the most rows) -> the ``jax.stages.Lowered`` step."""
     model = EmbeddingModel(architecture(config), pooling=config.model.pooling, normalize=config.model.normalize,
-                           dtype=config.model.dtype)
+                           dtype=compute_dtype(config))
     mesh = sharding.make_mesh(config.mesh)
     tx, knobs = optimizer_and_schedules(config)
     abstract, state_sharding = state_layout(model, tx, mesh)

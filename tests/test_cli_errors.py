@@ -58,6 +58,8 @@ CASES = {
                                "config.data.mine_ranks='100:10'"),
     "main_bad_encode_dtype": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.model.encode_dtype=half"],
                               "config.model.encode_dtype: encode dtype 'half'"),
+    "main_bad_model_dtype": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.model.dtype=fp16"],
+                             "config.model.dtype='fp16': use float32, bfloat16 or auto"),
     "main_missing_data": ("pegjax.main", ["--config=configs/peg.py:paper", "--workdir={tmp}/run"], "config.data.train_files is empty"),
 }
 

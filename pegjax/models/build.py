@@ -9,6 +9,7 @@ package. With no path, ``config.model.random_init`` gives the shape and a tokeni
 from __future__ import annotations
 
 from pegjax.data.tokenizer import load_tokenizer
+from pegjax.encode import fast_bfloat16
 from pegjax.errors import ConfigError
 from pegjax.models import hf
 from pegjax.models.bert import BertConfig, EmbeddingModel
@@ -57,5 +58,18 @@ def build_model(config):
     else:
         tokenizer = load_tokenizer(config.model.random_init.vocab_file)
         bert, params = _random_init_config(config.model.random_init, tokenizer), None
-    model = EmbeddingModel(bert, pooling=config.model.pooling, normalize=config.model.normalize, dtype=config.model.dtype)
+    model = EmbeddingModel(bert, pooling=config.model.pooling, normalize=config.model.normalize, dtype=compute_dtype(config))
     return model, params, tokenizer
+
+
+def compute_dtype(config) -> str:
+    """config.model.dtype -> the model's compute dtype (parameters and optimizer stay float32):
+    "float32", "bfloat16", or "auto": bfloat16 where the hardware runs it fast (accelerators; a
+    CPU with AVX512-BF16 or AMX, `pegjax.encode.fast_bfloat16`), else float32."""
+    setting = config.model.dtype
+    if setting == "auto":
+        return "bfloat16" if fast_bfloat16() else "float32"
+    if setting not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.model.dtype={setting!r}: use float32, bfloat16 or auto (bfloat16 where the "
+                          "hardware runs it fast, else float32)")
+    return setting
