@@ -11,7 +11,8 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # One XLA compilation cache for the whole session, shared with the runs the tests start as
 # subprocesses: many of them compile the same step (test_train.py: 220 s -> 148 s). A fresh folder
-# each session, so no test can pass on a program compiled by older code.
+# each session, so no test can pass on a program compiled by older code (.ci/run sets one for
+# both pytest-xdist workers).
 _CACHE = tempfile.mkdtemp(prefix="pegjax-tests-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
