@@ -188,7 +188,7 @@ def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: i
         if seed is not None and dropout_rate > 0:
             raise ValueError("the cudnn attention has no dropout: set config.model.attention=xla, or turn "
                              "attention dropout off (attention_probs_dropout_prob=0)")
-        return jax.nn.dot_product_attention(query, key, value, bias=bias.astype(query.dtype), implementation="cudnn")
+        return fused_attention(query, key, value, bias)
     heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
     # The 1/sqrt(K) scale goes on the query, K times smaller than the scores: scaling the scores
     # makes XLA:CPU materialise the scale as a constant of the full [B, H, L, L] shape.
@@ -203,6 +203,23 @@ def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: i
     weights = dropout(weights, dropout_rate, seed, site)
     context = _weighted_sum(weights.astype(value.dtype), heads_major(value))
     return (context / total).astype(value.dtype).transpose(0, 2, 1, 3)
+
+
+def fused_attention(query, key, value, bias, implementation: str = "cudnn"):
+    """``jax.nn.dot_product_attention`` (cuDNN's fused kernel by default), fed the way it runs fastest.
+
+    A key-padding bias [B, 1, 1, L] (one text a row) goes in as key lengths: cuDNN's padding mask,
+    which needs no bias tensor (it rejects a broadcast one) and skips the padded keys. That holds
+    because every row's padding is at its end, as `pegjax.data.packing.step_batch` and the
+    tokenizer lay rows out. A row with no tokens (a padding row) keeps one key, so it stays
+    finite. A packed row's block-diagonal bias [B, 1, L, L] goes in as a bias.
+    ``implementation="xla"`` runs the same arguments through JAX's reference path (tests, CPU).
+    """
+    if bias.shape[2] == 1:
+        lengths = jnp.maximum(jnp.sum(bias[:, 0, 0, :] == 0, axis=-1), 1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
+                                            implementation=implementation)
+    return jax.nn.dot_product_attention(query, key, value, bias=bias.astype(query.dtype), implementation=implementation)
 
 
 def _per_head(a, b, contract_a: int, contract_b: int):
