@@ -275,10 +275,10 @@ def _weighted_sum_bwd(residual, grad):
 _weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)
 
 
-def _matmul_2d(x, kernel, contract: int):
+def _matmul_2d(x, kernel, contract: int, narrow: bool = False):
     """x [..., *in] times kernel [*in, *out] (``contract`` = len(in)) as one 2-D product."""
     inner, outer = math.prod(kernel.shape[:contract]), math.prod(kernel.shape[contract:])
-    flat = _dot(x.reshape(-1, inner), kernel.reshape(inner, outer), (((1,), (0,)), ((), ())))
+    flat = _product(x.reshape(-1, inner), kernel.reshape(inner, outer), (((1,), (0,)), ((), ())), narrow)
     return flat.reshape(x.shape[: x.ndim - contract] + kernel.shape[contract:]).astype(x.dtype)
 
 
@@ -289,16 +289,26 @@ def _dot(a, b, dims):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _project(x, kernel, contract: int):
-    return _matmul_2d(x, kernel, contract)
+def _product(a, b, dims, narrow: bool):
+    """An activation-sized product: returned in the operands' dtype when ``narrow`` (accelerators:
+    the product still accumulates in float32 inside, and a bf16 result halves the bytes every
+    dense layer writes and the next op reads back), else accumulated and returned in float32
+    (`_dot`)."""
+    if narrow and a.dtype == b.dtype:
+        return lax.dot_general(a, b, dims, preferred_element_type=a.dtype)
+    return _dot(a, b, dims)
 
 
-def _project_fwd(x, kernel, contract):
-    return _matmul_2d(x, kernel, contract), (x, kernel)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _project(x, kernel, contract: int, narrow: bool):
+    return _matmul_2d(x, kernel, contract, narrow)
 
 
-def _project_bwd(contract, residual, grad):
+def _project_fwd(x, kernel, contract, narrow):
+    return _matmul_2d(x, kernel, contract, narrow), (x, kernel)
+
+
+def _project_bwd(contract, narrow, residual, grad):
     """The two products of a dense layer's backward, written out because XLA:CPU's layout choice
     for the autodiff form costs ~2x on the weight gradient: it transposes the [tokens, out]
     gradient in memory and then runs a product with both operands transposed."""
@@ -306,7 +316,7 @@ def _project_bwd(contract, residual, grad):
     inner, outer = math.prod(kernel.shape[:contract]), math.prod(kernel.shape[contract:])
     x2, g2 = x.reshape(-1, inner), grad.reshape(-1, outer)
     contract_rows = (((0,), (0,)), ((), ()))
-    dx = _dot(g2, kernel.reshape(inner, outer), (((1,), (1,)), ((), ())))
+    dx = _product(g2, kernel.reshape(inner, outer), (((1,), (1,)), ((), ())), narrow)
     if _bf16_on_cpu(x2):
         # The narrower operand transposed in memory, so that the product is a plain [n, tokens] x
         # [tokens, m] one, which XLA:CPU runs in bf16 (~355 GFLOP/s on 2 AVX512-BF16 cores,
@@ -349,13 +359,14 @@ class Projection(nn.Module):
     param_dtype: jnp.dtype
     kernel_init: object
     bias_init: object
+    narrow: bool = False  # `_product`
 
     @nn.compact
     def __call__(self, x):
         inner = x.shape[x.ndim - self.contract:]
         kernel = self.param("kernel", self.kernel_init, tuple(inner) + tuple(self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, tuple(self.features), self.param_dtype)
-        y = _project(x.astype(self.dtype), kernel.astype(self.dtype), self.contract)
+        y = _project(x.astype(self.dtype), kernel.astype(self.dtype), self.contract, self.narrow)
         return y + bias.astype(self.dtype)
 
 
@@ -390,6 +401,7 @@ class SelfAttention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str
+    narrow: bool = False
 
     @nn.compact
     def __call__(self, hidden, bias, seed):
@@ -397,7 +409,7 @@ class SelfAttention(nn.Module):
         cfg = self.config
         proj = lambda name: Projection(  # noqa: E731
             (cfg.num_attention_heads, cfg.head_dim), 1, self.dtype, self.param_dtype,
-            _init(cfg, ("embed", "heads", "kv")), _zeros(("heads", "kv")), name=name,
+            _init(cfg, ("embed", "heads", "kv")), _zeros(("heads", "kv")), self.narrow, name=name,
         )
         context = dot_attention(
             proj("query")(hidden), proj("key")(hidden), proj("value")(hidden), bias,
@@ -405,7 +417,7 @@ class SelfAttention(nn.Module):
         )
         return Projection(
             (cfg.hidden_size,), 2, self.dtype, self.param_dtype,
-            _init(cfg, ("heads", "kv", "embed")), _zeros(("embed",)), name="output",
+            _init(cfg, ("heads", "kv", "embed")), _zeros(("embed",)), self.narrow, name="output",
         )(context)
 
 
@@ -416,25 +428,26 @@ class TransformerLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str
+    narrow: bool = False
 
     @nn.compact
     def __call__(self, hidden, bias, seed):
         """(hidden [B, L, E], bias, seed [] uint32 or None) -> (hidden, None)."""
         cfg = self.config
         rate = cfg.hidden_dropout_prob
-        attended = SelfAttention(cfg, self.dtype, self.param_dtype, self.implementation, name="attention")(
+        attended = SelfAttention(cfg, self.dtype, self.param_dtype, self.implementation, self.narrow, name="attention")(
             hidden, bias, seed
         )
         attended = dropout(attended, rate, seed, site=1)
         hidden = _layer_norm(cfg, "attention_norm")(hidden + attended).astype(self.dtype)
         inner = Projection(
             (cfg.intermediate_size,), 1, self.dtype, self.param_dtype,
-            _init(cfg, ("embed", "mlp")), _zeros(("mlp",)), name="intermediate",
+            _init(cfg, ("embed", "mlp")), _zeros(("mlp",)), self.narrow, name="intermediate",
         )(hidden)
         inner = ACTIVATIONS[cfg.hidden_act](inner)
         out = Projection(
             (cfg.hidden_size,), 1, self.dtype, self.param_dtype,
-            _init(cfg, ("mlp", "embed")), _zeros(("embed",)), name="output",
+            _init(cfg, ("mlp", "embed")), _zeros(("embed",)), self.narrow, name="output",
         )(inner)
         out = dropout(out, rate, seed, site=2)
         return _layer_norm(cfg, "output_norm")(hidden + out).astype(self.dtype), None
@@ -482,6 +495,8 @@ class BertEncoder(nn.Module):
       param_dtype: dtype the parameters are stored in (float32).
       attention: "xla" or "cudnn" (see `dot_attention`).
       unroll: unroll the layer scan (same parameters, same results; no loop at run time).
+      narrow_products: dense layers return their products in ``dtype`` rather than float32
+        (`_product`).
     """
 
     config: BertConfig
@@ -489,6 +504,7 @@ class BertEncoder(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     unroll: bool = False
+    narrow_products: bool = False
 
     @nn.compact
     def __call__(self, input_ids, segment_ids, packed: bool = False, dropout_seed=None):
@@ -529,7 +545,8 @@ class BertEncoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
             unroll=layers if self.unroll else 1,
         )
-        hidden, _ = scan(cfg, self.dtype, self.param_dtype, self.attention, name="layers")(hidden, bias, seeds)
+        hidden, _ = scan(cfg, self.dtype, self.param_dtype, self.attention, self.narrow_products, name="layers")(
+            hidden, bias, seeds)
         return hidden
 
 
@@ -576,6 +593,8 @@ class EmbeddingModel:
     dtype: str = "float32"
     attention: Attention = "auto"
     unroll_layers: bool | None = None  # None: unrolled on the CPU, scanned on accelerators
+    # None: on accelerators. XLA:CPU runs bf16 products fastest with float32 results (`_dot`).
+    narrow_products: bool | None = None
 
     @property
     def attention_implementation(self) -> str:
@@ -586,8 +605,11 @@ class EmbeddingModel:
 
     @property
     def module(self) -> BertEncoder:
-        unroll = jax.default_backend() == "cpu" if self.unroll_layers is None else self.unroll_layers
-        return BertEncoder(self.config, dtype=DTYPES[self.dtype], attention=self.attention_implementation, unroll=unroll)
+        cpu = jax.default_backend() == "cpu"
+        unroll = cpu if self.unroll_layers is None else self.unroll_layers
+        narrow = not cpu if self.narrow_products is None else self.narrow_products
+        return BertEncoder(self.config, dtype=DTYPES[self.dtype], attention=self.attention_implementation, unroll=unroll,
+                           narrow_products=narrow)
 
     def embed(self, params, input_ids, attention_mask, dropout_seed=None):
         """params (unboxed); [B, L] int32 ids / 0-1 mask, one text a row -> [B, E] float32."""
