@@ -12,13 +12,14 @@ time, memory, compile time and MFU of the recipe.
 2. Timing: BERT-base shape (random init), bf16 compute, full-length texts (query 64, passage 256
    tokens; every token real), 5 hard negatives per query, AdamW, hidden dropout 0.1:
    - 1,024 queries (6,144 passages) with cuDNN attention (no attention-probability dropout: the
-     fused kernel has none), encode chunk ``--chunk``: the dense products returning float32 (the
-     CPU's choice) or bf16, the layer scan or unrolled layers, and without any dropout;
-   - the recipe's global batch, `configs/peg.py:paper`: 13,334 queries (80,004 passages), at the
-     fastest chunk above and loss query block ``--recipe-block`` (memory knobs, chosen for one
-     141 GB card: the recipe's own chunk 16 / block 16 are sized for a pod's devices);
-   - then both again with XLA attention and attention dropout 0.1 (what ``attention="auto"`` picks
-     while that dropout is on), as the time budget allows.
+     fused kernel has none), encode chunk ``--chunk``, the model's defaults (bf16 product
+     results, unrolled layers); with ``--compare`` first float32 results and the layer scan;
+   - the recipe's global batch, `configs/peg.py:paper`: 13,334 queries (80,004 passages), at
+     loss query block ``--recipe-block`` (chunk and block are memory knobs, chosen for one 141 GB
+     card: the recipe's own chunk 16 / block 16 are sized for a pod's devices);
+   - 1,024 queries without any dropout; then 1,024 queries and the recipe's batch with XLA
+     attention and attention dropout 0.1 (what ``attention="auto"`` picks while that dropout is
+     on), as the time budget (``--budget-s``) allows.
    MFU counts the model FLOPs of forward + backward (3x forward) of real tokens; the GradCache
    recompute (one more forward) is shown separately as hardware FLOPs (HFU). Compile time is
    printed per case. A case that fails is reported and the others still run.
@@ -188,6 +189,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=256, help="encode chunk rows (32: 16% slower on an H200)")
     parser.add_argument("--recipe-block", type=int, default=256, help="loss query block of the 80,004-passage step")
     parser.add_argument("--budget-s", type=float, default=480, help="skip a case that would start past this")
+    parser.add_argument("--compare", action="store_true", help="also time the choices the defaults replaced")
     parser.add_argument("--platform", default="gpu", help="'cpu' only to dry-run this script")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -226,32 +228,26 @@ def main():
               f"MFU {mfu:.1%}, {time.perf_counter() - began:.0f} s so far", flush=True)
         return step_s
 
-    # What each choice costs, side by side at 1,024 queries (fused attention, no attention dropout):
-    # the dense products' float32 results (the CPU's choice) against bf16, the layer scan against
-    # unrolled layers, and what the hidden dropout costs. Then the recipe's global batch with the
-    # fastest, then XLA attention with attention dropout 0.1 ("auto" picks it while that is on).
+    # The defaults (bf16 product results, unrolled layers) at 1,024 queries and at the recipe's
+    # global batch with fused attention; then what the hidden dropout costs, and XLA attention with
+    # attention dropout 0.1 ("auto" picks it while that is on). --compare first times the choices
+    # the defaults replaced (float32 product results; the layer scan), side by side.
     q = f"{args.queries:,} q x 6, {fused} attention"
-    variants = {
-        "float32 products, layer scan": dict(narrow_products=False, unroll_layers=False),
-        "bf16 products, layer scan": dict(narrow_products=True, unroll_layers=False),
-        "bf16 products, layers unrolled": dict(narrow_products=True, unroll_layers=True),
-    }
-    timed = {}
-    for label, options in variants.items():
-        step_s = run(f"{q}, {label}", args.queries, 64, 3, fused, 0.0, 60, options)
-        if step_s is not None:
-            timed[label] = step_s
-    best = min(timed, key=timed.get) if timed else "bf16 products, layer scan"
+    defaults = dict(narrow_products=True, unroll_layers=True)
+    if args.compare:
+        for label, options in {"float32 products, layer scan": dict(narrow_products=False, unroll_layers=False),
+                               "bf16 products, layer scan": dict(narrow_products=True, unroll_layers=False)}.items():
+            run(f"{q}, {label}", args.queries, 64, 3, fused, 0.0, 60, options)
+    run(f"{q}, bf16 products, layers unrolled", args.queries, 64, 3, fused, 0.0, 60, defaults)
     recipe = f"recipe: {recipe_queries:,} q x 6 = {recipe_queries * 6:,}"
     if not args.skip_paper:
-        run(f"{recipe}, {fused} attention, {best}", recipe_queries, args.recipe_block, 1, fused, 0.0, 100, variants[best])
-    run(f"{q}, {best}, no dropout at all", args.queries, 64, 3, fused, 0.0, 40, variants[best], dict(hidden_dropout_prob=0.0))
+        run(f"{recipe}, {fused} attention", recipe_queries, args.recipe_block, 1, fused, 0.0, 100, defaults)
+    run(f"{q}, no dropout at all", args.queries, 64, 3, fused, 0.0, 40, defaults, dict(hidden_dropout_prob=0.0))
     if fused != "xla":
-        run(f"{args.queries:,} q x 6, xla attention + attention dropout 0.1, {best}", args.queries, 64, 3, "xla", 0.1, 40,
-            variants[best])
+        run(f"{args.queries:,} q x 6, xla attention + attention dropout 0.1", args.queries, 64, 3, "xla", 0.1, 40, defaults)
         if not args.skip_paper:
-            run(f"{recipe}, xla attention + attention dropout 0.1, {best}", recipe_queries, args.recipe_block, 1, "xla",
-                0.1, 100, variants[best])
+            run(f"{recipe}, xla attention + attention dropout 0.1", recipe_queries, args.recipe_block, 1, "xla", 0.1, 100,
+                defaults)
     print()
     print(f"BERT-base shape, bf16, lengths 64/256 (every token real), one {kind}, jax {jax.__version__}; "
           f"correctness: {'ok' if ok else 'FAILED'}; {time.perf_counter() - began:.0f} s in all")
