@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
     # where the hardware runs it fast (GPU, TPU, a CPU with AVX512-BF16 or AMX), else model.dtype.
     c.model.encode_dtype = ""
     c.model.dropout = True
+    # auto: cuDNN's fused attention on a GPU in bfloat16 when no attention dropout runs, else XLA's
+    # (on an H200 a BERT-base step ran 6.47 s with XLA + attention dropout, 4.65 s fused; bench/RESULTS.md)
+    c.model.attention = "auto"  # auto | xla | cudnn
+    c.model.attention_dropout = -1.0  # attention-probability dropout; < 0: the model's own (BERT: 0.1)
     c.model.frozen = ""  # parameter path prefixes never trained, comma-separated, e.g. "embeddings/word_embeddings"
 
     c.data = ml_collections.ConfigDict()

@@ -29,8 +29,7 @@ from pegjax.encode import Encoder, encode_dtype
 from pegjax.errors import ConfigError
 from pegjax.loss import LossConfig
 from pegjax.metric_log import MetricLog
-from pegjax.models.bert import EmbeddingModel
-from pegjax.models.build import architecture, build_model, compute_dtype
+from pegjax.models.build import architecture, build_model, check_attention, compute_dtype, embedding_model
 from pegjax.step import (BATCH_KEYS, StepConfig, abstract_batch, batch_shardings, create_state, jit_train_step,
                          abstract_params, frozen_of, optimizer_and_schedules, state_layout, unmatched_frozen)
 
@@ -48,6 +47,7 @@ def check(config, need_data: bool = True) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"config.data.train_files: {path} does not exist")
     compute_dtype(config)
+    check_attention(config)
     if config.train.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}: use 'stop' or 'skip'")
     if need_data:
@@ -97,8 +97,7 @@ def loss_config_of(config) -> LossConfig:
 def dry_run(config, planned: geometry.Geometry):
     """Lowers the step of ``config`` on this job's mesh without data or weights (one text a row,
     the layout that needs the most rows) -> the ``jax.stages.Lowered`` step."""
-    model = EmbeddingModel(architecture(config), pooling=config.model.pooling, normalize=config.model.normalize,
-                           dtype=compute_dtype(config))
+    model = embedding_model(config, architecture(config))
     mesh = sharding.make_mesh(config.mesh)
     tx, knobs = optimizer_and_schedules(config)
     abstract, state_sharding = state_layout(model, tx, mesh)

@@ -37,3 +37,21 @@ def test_fused_attention_arguments_give_the_models_attention(packed):
     if not packed:  # a wrong length would let the first text see its padding: check it matters
         leaky = jax.nn.dot_product_attention(query, key, value, implementation="xla")
         assert not np.allclose(np.asarray(leaky)[0, :5], np.asarray(ours)[0, :5], atol=1e-3)
+
+
+def test_the_configs_attention_settings_reach_the_model(shared_data):
+    from configs.peg import get_config
+    from pegjax.errors import ConfigError
+    from pegjax.models.build import architecture, embedding_model
+
+    config = get_config("paper")
+    config.model.random_init.vocab_file = str(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
+    bert = architecture(config)
+    assert embedding_model(config, bert).config.attention_probs_dropout_prob == 0.1  # -1: the model's own
+    config.model.attention_dropout = 0.0
+    model = embedding_model(config, bert)
+    assert model.config.attention_probs_dropout_prob == 0.0
+    assert model.attention_implementation == "xla"  # auto: cuDNN only on a GPU
+    config.model.attention_dropout = 1.0
+    with pytest.raises(ConfigError, match=r"config.model.attention_dropout=1.0: use a rate in \[0, 1\)"):
+        embedding_model(config, bert)

@@ -189,8 +189,8 @@ def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: i
     """
     if implementation == "cudnn":
         if seed is not None and dropout_rate > 0:
-            raise ValueError("the cudnn attention has no dropout: set config.model.attention=xla, or turn "
-                             "attention dropout off (attention_probs_dropout_prob=0)")
+            raise ValueError("the cudnn attention has no dropout: set config.model.attention=xla, or "
+                             "config.model.attention_dropout=0 (BertConfig.attention_probs_dropout_prob=0)")
         return fused_attention(query, key, value, bias)
     heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
     # The 1/sqrt(K) scale goes on the query, K times smaller than the scores: scaling the scores

@@ -8,6 +8,10 @@ package. With no path, ``config.model.random_init`` gives the shape and a tokeni
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+
 from pegjax.data.tokenizer import load_tokenizer
 from pegjax.encode import fast_bfloat16
 from pegjax.errors import ConfigError
@@ -58,8 +62,26 @@ def build_model(config):
     else:
         tokenizer = load_tokenizer(config.model.random_init.vocab_file)
         bert, params = _random_init_config(config.model.random_init, tokenizer), None
-    model = EmbeddingModel(bert, pooling=config.model.pooling, normalize=config.model.normalize, dtype=compute_dtype(config))
-    return model, params, tokenizer
+    return embedding_model(config, bert), params, tokenizer
+
+
+def embedding_model(config, bert: BertConfig) -> EmbeddingModel:
+    """The model ``config`` trains on this architecture: pooling, compute dtype and attention
+    (``config.model.attention`` / ``attention_dropout``, checked here, before any work)."""
+    check_attention(config)
+    attention, rate = config.model.attention, config.model.attention_dropout
+    if rate >= 0:
+        bert = dataclasses.replace(bert, attention_probs_dropout_prob=float(rate))
+    dtype = compute_dtype(config)
+    if attention == "cudnn":
+        if config.model.dropout and bert.attention_probs_dropout_prob > 0:
+            raise ConfigError(f"config.model.attention=cudnn has no attention dropout, and this model's is "
+                              f"{bert.attention_probs_dropout_prob}: set config.model.attention_dropout=0, or "
+                              "config.model.attention=xla to keep it")
+    if attention == "auto" and not config.model.dropout:  # no dropout runs: the fused kernel is exact
+        attention = EmbeddingModel(dataclasses.replace(bert, attention_probs_dropout_prob=0.0), dtype=dtype).attention_implementation
+    return EmbeddingModel(bert, pooling=config.model.pooling, normalize=config.model.normalize, dtype=dtype,
+                          attention=attention)
 
 
 def compute_dtype(config) -> str:
@@ -73,3 +95,20 @@ def compute_dtype(config) -> str:
         raise ConfigError(f"config.model.dtype={setting!r}: use float32, bfloat16 or auto (bfloat16 where the "
                           "hardware runs it fast, else float32)")
     return setting
+
+
+def check_attention(config) -> None:
+    """config.model.attention / attention_dropout, as far as they can be checked without the model."""
+    attention, rate = config.model.attention, config.model.attention_dropout
+    if attention not in ("auto", "xla", "cudnn"):
+        raise ConfigError(f"config.model.attention={attention!r}: use auto (cuDNN's fused kernel on a GPU in bfloat16 "
+                          "without attention dropout, else XLA), xla or cudnn")
+    if not rate < 1:
+        raise ConfigError(f"config.model.attention_dropout={rate}: use a rate in [0, 1), or -1 for the model's own")
+    if attention == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ConfigError(f"config.model.attention=cudnn needs a CUDA GPU (this job runs on {jax.default_backend()}): "
+                              "use auto or xla")
+        if compute_dtype(config) != "bfloat16":
+            raise ConfigError(f"config.model.attention=cudnn computes in bfloat16: set config.model.dtype=bfloat16 "
+                              f"(it is {config.model.dtype!r})")
