@@ -85,6 +85,10 @@ def restore_model(checkpoint: str):
     if step is None or step not in checkpoints.manager.all_steps():
         raise ConfigError(f"{checkpoint}: no checkpoint at step {step}; have {checkpoints.manager.all_steps()}")
     config = ml_collections.ConfigDict(checkpoints.restore_config(step))
+    # How the run computed attention is not what it learned: this machine picks its own kernel
+    # (a GPU run's "cudnn" restores on a CPU; configs saved before the key existed have none).
+    config.model.attention = "auto"
+    config.model.attention_dropout = config.model.get("attention_dropout", -1.0)
     model, _, tokenizer = build_model(config)
     tx, _ = optimizer_and_schedules(config)
     abstract, _ = state_layout(model, tx, sharding.make_mesh({"data": -1}))
