@@ -55,3 +55,10 @@ def test_the_configs_attention_settings_reach_the_model(shared_data):
     config.model.attention_dropout = 1.0
     with pytest.raises(ConfigError, match=r"config.model.attention_dropout=1.0: use a rate in \[0, 1\)"):
         embedding_model(config, bert)
+    config.model.attention_dropout = 0.0
+    config.model.attention = "flash"
+    with pytest.raises(ConfigError, match="config.model.attention='flash': use auto"):
+        embedding_model(config, bert)
+    config.model.attention = "cudnn"
+    with pytest.raises(ConfigError, match=r"config.model.attention=cudnn needs a CUDA GPU \(this job runs on cpu\)"):
+        embedding_model(config, bert)

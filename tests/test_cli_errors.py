@@ -60,10 +60,6 @@ CASES = {
                               "config.model.encode_dtype: encode dtype 'half'"),
     "main_bad_model_dtype": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.model.dtype=fp16"],
                              "config.model.dtype='fp16': use float32, bfloat16 or auto"),
-    "main_bad_attention": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.model.attention=flash"],
-                           "config.model.attention='flash': use auto"),
-    "main_cudnn_without_gpu": ("pegjax.main", ["--config=configs/peg.py:demo", "--workdir={tmp}/run", "--config.model.attention=cudnn"],
-                               "config.model.attention=cudnn needs a CUDA GPU (this job runs on cpu)"),
     "main_missing_data": ("pegjax.main", ["--config=configs/peg.py:paper", "--workdir={tmp}/run"], "config.data.train_files is empty"),
 }
 

@@ -39,9 +39,10 @@ def test_float32_embeddings_equal_sentence_transformers(minilm, reference, mixed
 
 
 def test_bfloat16_compute_stays_close(minilm_path, minilm, mixed_texts):
+    texts = mixed_texts[::3]  # every kind and length of text, a third of the encoding time
     half = Encoder.from_pretrained(minilm_path, dtype="bfloat16")
-    full = minilm.encode(mixed_texts)
-    cosine = (half.encode(mixed_texts) * full).sum(axis=1)
+    full = minilm.encode(texts)
+    cosine = (half.encode(texts) * full).sum(axis=1)
     assert cosine.min() >= 0.999
 
 
