@@ -608,9 +608,9 @@ class EmbeddingModel:
 
     @property
     def module(self) -> BertEncoder:
-        cpu = jax.default_backend() == "cpu"
-        unroll = jax.default_backend() in ("cpu", "gpu") if self.unroll_layers is None else self.unroll_layers
-        narrow = not cpu if self.narrow_products is None else self.narrow_products
+        backend = jax.default_backend()
+        unroll = backend in ("cpu", "gpu") if self.unroll_layers is None else self.unroll_layers
+        narrow = backend != "cpu" if self.narrow_products is None else self.narrow_products
         return BertEncoder(self.config, dtype=DTYPES[self.dtype], attention=self.attention_implementation, unroll=unroll,
                            narrow_products=narrow)
 
