@@ -32,18 +32,39 @@ def model_path(name: str, check: bool = False) -> str:
     return minilm_path() if name == "minilm" else {"e5": e5_path}[name](check)
 
 
+def describe_cpu(cpuinfo: str) -> str:
+    """The CPU a figure was measured on, from /proc/cpuinfo's text: its model name, then family,
+    model and stepping, then the vector units XLA and torch choose kernels by, e.g. ``AMD EPYC
+    (family 26, model 2, stepping 1; AVX-512, AVX512-BF16)``. Machines sold under one model name
+    differ (an ``AMD EPYC`` of family 25 runs 512-bit vectors on 256-bit units, one of family 26 at
+    full width), and a ratio that holds on one need not hold on the other."""
+    fields, flags = {}, set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if not sep or key in fields:
+            continue
+        if key in ("flags", "Features"):
+            flags = set(value.split())
+        fields[key] = value.strip()
+    name = fields.get("model name", "unknown CPU")
+    ids = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
+                                                        ("stepping", "stepping")) if fields.get(key)]
+    units = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
+             if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    detail = "; ".join(part for part in (", ".join(ids), ", ".join(units)) if part)
+    return f"{name} ({detail})" if detail else name
+
+
 def cpu_model() -> str:
-    """The CPU's model name, as lscpu / /proc/cpuinfo give it."""
+    """This machine's CPU as `describe_cpu` names it."""
     import platform
 
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return describe_cpu(f.read())
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
 
 
 def scifact_texts(count: int) -> list[str]:
