@@ -19,16 +19,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 _AXIS = "shard"
 
 
-_GROUP = 32
+# Columns per group of the two-stage top-k: 64 ran the search at 2,786 q/s (median of 6) against
+# 2,262 at 32 on a 2-core AMD EPYC (family 26), the same process, identical results (bench/RESULTS.md).
+_GROUP = 64
 
 
 def _block_top_k(scores, valid, k):
     """Exact top-k of [Q, B] scores over the columns where ``valid`` [B] bool is set, B a
-    multiple of 32 -> ([Q, k] f32, [Q, k] column i32).
+    multiple of _GROUP -> ([Q, k] f32, [Q, k] column i32).
 
-    Two stages, both exact: the k groups of 32 columns with the largest maxima hold every top-k
+    Two stages, both exact: the k groups of _GROUP columns with the largest maxima hold every top-k
     entry (an entry of the top k is at least the k-th largest group maximum), so a top-k over
-    those k*32 candidates gives the answer. XLA:CPU's top_k costs ~3x less this way than over B,
+    those k*_GROUP candidates gives the answer. XLA:CPU's top_k costs ~3x less this way than over B,
     and the padding mask is applied inside the group reduction, not as a pass over [Q, B].
     """
     rows, width = scores.shape
@@ -112,7 +114,7 @@ class Index:
         devices = self.mesh.devices.size
         per_device = max(-(-min(host_rows, self.size) // devices), 1)
         blocks = -(-per_device // block)
-        self.block = -(-per_device // blocks // _GROUP) * _GROUP  # equal blocks, multiples of 32
+        self.block = -(-per_device // blocks // _GROUP) * _GROUP  # equal blocks, multiples of _GROUP
         self.slice_rows = devices * blocks * self.block
         self._sharding = NamedSharding(self.mesh, PartitionSpec(_AXIS))
         self._resident = self._slice(0) if self.size <= self.slice_rows else None

@@ -48,7 +48,7 @@ def test_memmapped_corpus_and_empty_queries(tmp_path):
 @pytest.mark.parametrize("devices, corpus_size", [(1, 20_013), (8, 80_013)])
 def test_padding_rows_never_displace_real_rows_when_every_score_is_negative(devices, corpus_size):
     # Padding rows score 0, above every real row here: they must be kept out of the two-stage
-    # selection, including the group of 32 rows that holds the last real row (k = 10 of ~300-600
+    # selection, including the group of rows that holds the last real row (k = 10 of ~300-600
     # groups a block: most queries' top 10 lie in 10 different groups, so a group slot lost to
     # padding loses a real row).
     rng = np.random.default_rng(1)
@@ -56,6 +56,6 @@ def test_padding_rows_never_displace_real_rows_when_every_score_is_negative(devi
     queries = np.abs(rng.standard_normal((37, 48))).astype(np.float32)
     mesh = search.search_mesh(jax.devices()[:devices])
     index = search.Index(corpus, mesh=mesh)
-    assert index.block > 4 * 10 * 32 and index.slice_rows > corpus_size  # the two-stage selection, with padding
+    assert index.block > 4 * 10 * search._GROUP and index.slice_rows > corpus_size  # the two-stage selection, with padding
     _, ids = index.search(queries, 10)
     np.testing.assert_array_equal(ids, brute_force(queries, corpus, 10)[1])
