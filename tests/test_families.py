@@ -122,11 +122,28 @@ def test_multilingual_e5_small_embeds_as_sentence_transformers_does_with_its_pro
     assert (ids == encoder.tokenizer.unk_token_id).sum() == 0
 
 
+def e5_first_layers(e5_path, folder, layers=2):
+    """The multilingual-e5-small folder cut to its first ``layers`` of 12 encoder layers: the same
+    files, tokenizer, 250k-entry word embeddings and sentence-transformers modules."""
+    from safetensors.numpy import save_file
+
+    shutil.copytree(e5_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    kept = {name: value for name, value in load_file(str(folder / "model.safetensors")).items()
+            if not name.startswith("encoder.layer.") or int(name.split(".")[2]) < layers}
+    save_file(kept, str(folder / "model.safetensors"))
+    return str(folder)
+
+
 def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transformers_loads_with_its_prompts(
         e5_path, shared_data, tmp_path):
-    """A few steps from the multilingual-e5-small folder on real medical_zh pairs with e5 prompts
-    (negatives filled from other answers) and the word-embedding table frozen, as the medical_zh
-    recipe trains it, then the export in sentence-transformers."""
+    """A few steps from the multilingual-e5-small folder (its first 2 layers: the real tokenizer,
+    250k-entry word embeddings and modules; the whole model's embeddings are checked against
+    sentence-transformers above) on real medical_zh pairs with e5 prompts (negatives filled from
+    other answers) and the word-embedding table frozen, as the medical_zh recipe trains it, then
+    the export in sentence-transformers."""
     import subprocess
     import sys
 
@@ -134,6 +151,7 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
 
     from conftest import read_jsonl
 
+    e5_path = e5_first_layers(e5_path, tmp_path / "e5_2_layers")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     train = tmp_path / "medical_zh.jsonl"
     with open(shared_data / "medical_zh" / "train_pairs.jsonl", encoding="utf-8") as src, open(train, "w") as dst:
