@@ -3,7 +3,7 @@ must not read the same."""
 
 from bench.common import describe_cpu
 
-# /proc/cpuinfo repeats each field once per core; the first core's are read.
+# /proc/cpuinfo repeats every field once per core: the name must still say each once.
 ZEN5 = "".join(f"""processor\t: {core}
 vendor_id\t: AuthenticAMD
 cpu family\t: 26

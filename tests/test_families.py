@@ -151,7 +151,7 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
 
     from conftest import read_jsonl
 
-    e5_path = e5_first_layers(e5_path, tmp_path / "e5_2_layers")
+    start = e5_first_layers(e5_path, tmp_path / "e5_2_layers")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     train = tmp_path / "medical_zh.jsonl"
     with open(shared_data / "medical_zh" / "train_pairs.jsonl", encoding="utf-8") as src, open(train, "w") as dst:
@@ -160,7 +160,7 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
     workdir = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "pegjax.main", "--config=configs/peg.py:paper", f"--workdir={workdir}",
-         f"--config.model.path={e5_path}", "--config.model.pooling=mean", "--config.model.dtype=float32",
+         f"--config.model.path={start}", "--config.model.pooling=mean", "--config.model.dtype=float32",
          "--config.model.dropout=false", "--config.mesh.fsdp=1", "--config.mesh.data=-1",
          f"--config.data.train_files={train}", "--config.data.query_prompt=query: ",
          "--config.data.passage_prompt=passage: ", "--config.data.hard_negatives=1",
@@ -179,7 +179,7 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
     assert config["pad_token_id"] == 1 and config["vocab_size"] == 250037
     word = "embeddings.word_embeddings.weight"
     assert np.array_equal(load_file(os.path.join(export_dir, "model.safetensors"))[word],
-                          load_file(os.path.join(e5_path, "model.safetensors"))[word])
+                          load_file(os.path.join(start, "model.safetensors"))[word])
 
     queries = read_jsonl(shared_data / "medical_zh" / "queries.jsonl", "text", 8)
     reference = SentenceTransformer(export_dir, device="cpu")
@@ -188,4 +188,4 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
     assert np.abs(reference.encode(queries, prompt_name="query") - got).max() <= 1e-5
     # The prompt is really there, and training moved the weights.
     assert np.abs(trained.encode(queries) - got).max() > 1e-3
-    assert np.abs(Encoder.from_pretrained(e5_path).encode(queries, prompt="query: ") - got).max() > 1e-4
+    assert np.abs(Encoder.from_pretrained(start).encode(queries, prompt="query: ") - got).max() > 1e-4
