@@ -62,7 +62,7 @@ def test_parameter_gradients_equal_torch(minilm_path, texts, torch_gradients, pa
         def embed(params):
             return model.embed(params, ids, mask)
 
-    grads = jax.grad(lambda params: jnp.sum(embed(params) * probe))(encoder.params)
+    grads = jax.jit(jax.grad(lambda params: jnp.sum(embed(params) * probe)))(encoder.params)
     got = params_to_hf(grads, model.config)
     assert set(got) == set(torch_gradients)  # every parameter that gets a gradient in torch, and no other
     for name, expected in torch_gradients.items():
@@ -90,7 +90,7 @@ def test_bfloat16_gradients_stay_close_and_the_weight_gradients_run_in_bfloat16(
         return jax.jit(jax.grad(lambda params: jnp.sum(model.embed(params, ids, mask) * probe)))
 
     want = params_to_hf(gradient(encoder.model)(encoder.params), encoder.model.config)
-    want_vectors = np.asarray(encoder.model.embed(encoder.params, ids, mask))
+    want_vectors = np.asarray(jax.jit(encoder.model.embed)(encoder.params, ids, mask))
     bf16_model = dataclasses.replace(encoder.model, dtype="bfloat16")
     narrow = dataclasses.replace(bf16_model, narrow_products=True)
     for model in (bf16_model, narrow):
