@@ -178,14 +178,18 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
     config = json.loads(open(os.path.join(export_dir, "config.json")).read())
     assert config["pad_token_id"] == 1 and config["vocab_size"] == 250037
     word = "embeddings.word_embeddings.weight"
-    assert np.array_equal(load_file(os.path.join(export_dir, "model.safetensors"))[word],
-                          load_file(os.path.join(start, "model.safetensors"))[word])
+    after, before = (load_file(os.path.join(folder, "model.safetensors")) for folder in (export_dir, start))
+    assert np.array_equal(after[word], before[word])
+    # Training moved every other tensor (but the attention key biases: they add the same amount to
+    # all of a query's scores, which the softmax cancels, so their gradient is zero).
+    still = [name for name in before if name != word and not name.endswith("attention.self.key.bias")
+             and np.abs(after[name] - before[name]).max() <= 1e-5]
+    assert not still, f"training left these unchanged: {still}"
 
     queries = read_jsonl(shared_data / "medical_zh" / "queries.jsonl", "text", 8)
     reference = SentenceTransformer(export_dir, device="cpu")
     trained = Encoder.from_pretrained(export_dir)
     got = trained.encode(queries, prompt_name="query")
     assert np.abs(reference.encode(queries, prompt_name="query") - got).max() <= 1e-5
-    # The prompt is really there, and training moved the weights.
+    # The prompt is really there.
     assert np.abs(trained.encode(queries) - got).max() > 1e-3
-    assert np.abs(Encoder.from_pretrained(start).encode(queries, prompt="query: ") - got).max() > 1e-4

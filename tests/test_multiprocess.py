@@ -2,7 +2,6 @@
 exactly what one process x 8 devices trains, and resume from their own checkpoints (a lost process
 ends the other with a clear error; a SIGTERM to one host stops both at the same step)."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -68,13 +67,11 @@ def test_two_processes_train_what_one_process_trains(shared_data, one_process, t
 
 
 def test_evaluation_with_two_processes_gives_the_metrics_of_one(minilm_path, shared_data, tmp_path):
-    from test_evaluate import subset, write_beir
+    from test_evaluate import first_queries, subset, write_beir
 
     from pegjax.data.retrieval import load_beir
 
-    data = subset(load_beir(str(shared_data / "scifact"), "test"), extra_docs=150)
-    data = dataclasses.replace(data, query_ids=data.query_ids[:100], query_texts=data.query_texts[:100],
-                               qrels={q: data.qrels[q] for q in data.query_ids[:100]})
+    data = subset(first_queries(load_beir(str(shared_data / "scifact"), "test"), 100), extra_docs=100)
     folder = tmp_path / "scifact_small"
     write_beir(folder, [json.dumps({"_id": i, "text": t}).encode() for i, t in zip(data.corpus_ids, data.corpus_texts)],
                [json.dumps({"_id": i, "text": t}).encode() for i, t in zip(data.query_ids, data.query_texts)],
