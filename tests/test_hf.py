@@ -47,6 +47,31 @@ def test_chinese_text_tokenizes_without_unknown_floods(chinese_tokenizer, mixed_
     assert chinese_tokenizer.tokenize("高血压") == ["高", "血", "压"]
 
 
+@pytest.mark.parametrize("which", ["minilm", "chinese_vocab"])
+def test_tokenize_gives_the_tokenizers_own_ids_whatever_its_truncation_state(
+        which, minilm_path, shared_data, mixed_texts, tmp_path):
+    """pegjax tokenizes through a private copy of the fast tokenizer's Rust backend: the ids of
+    ``tokenizer(texts)``, untouched by truncation or padding that a call or the tokenizer.json set."""
+    if which == "minilm":
+        folder = tmp_path / "minilm"
+        shutil.copytree(minilm_path, folder)
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+        spec["padding"] = {"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None,
+                           "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        tokenizer = load_tokenizer(str(folder))
+    else:
+        tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
+    want = tokenizer(mixed_texts, truncation=False, padding=False)["input_ids"]
+    assert max(len(ids) for ids in want) > 300  # long abstracts: nothing truncated them
+    tokenizer(mixed_texts[:2], truncation=True, max_length=5, padding="max_length")  # leaves state behind
+    got = tokenize(tokenizer, mixed_texts, 10**6)
+    assert [list(ids) for ids in got] == [list(ids) for ids in want]
+    cut = tokenize(tokenizer, mixed_texts, 16)  # truncated here: the first 15 tokens and the closing one
+    assert all(list(c) == (list(w) if len(w) <= 16 else list(w[:15]) + [w[-1]]) for c, w in zip(cut, want))
+
+
 def test_chinese_round_trip_gives_identical_embeddings(chinese_folder, mixed_texts):
     encoder, folder = chinese_folder
     loaded = Encoder.from_pretrained(folder, pooling="cls", max_length=128)
