@@ -57,7 +57,7 @@ def test_exported_model_embeds_identically_in_sentence_transformers_and_transfor
     trained = Encoder(start.model, trained_params, start.tokenizer, start.max_length)
     folder = str(tmp_path / "exported")
     export.save(trained, folder, query_prompt="query: ", results={"scifact": {"ndcg@10": 0.5}})
-    texts = mixed_texts[::7]  # 34 texts of every kind: abstracts (some truncated), claims, Chinese questions and answers, "a"
+    texts = mixed_texts[::7]  # 34 of every kind: abstracts (some truncated), claims, Chinese, "a"
     ours = trained.encode(texts)
     assert np.abs(ours - start.encode(texts)).max() > 1e-3  # training moved the weights
 
