@@ -11,7 +11,7 @@ import optax
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
 from pegjax import export, sharding
 from pegjax.data import packing
@@ -72,7 +72,7 @@ def test_exported_model_embeds_identically_in_sentence_transformers_and_transfor
     assert np.abs(reference.encode(texts[:5], prompt_name="query") - trained.encode(["query: " + t for t in texts[:5]])).max() <= 1e-5
 
     model = AutoModel.from_pretrained(folder).eval()
-    batch = trained.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.inference_mode():
         hidden = model(**batch).last_hidden_state
     if pooling == "cls":

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
+from transformers import AutoTokenizer
 
 from pegjax.data.packing import RowGeometry, pack, rows_needed
 from pegjax.encode import Encoder
@@ -47,7 +48,7 @@ def _probe(n: int) -> np.ndarray:
 def test_parameter_gradients_equal_torch(minilm_path, texts, torch_gradients, packed):
     encoder = Encoder.from_pretrained(minilm_path, max_length=LENGTH)
     model = encoder.model
-    batch = encoder.tokenizer(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
+    batch = AutoTokenizer.from_pretrained(minilm_path)(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
     ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
     probe = jnp.asarray(_probe(len(texts)))
     if packed:
@@ -82,7 +83,7 @@ def test_bfloat16_gradients_stay_close_and_the_weight_gradients_run_in_bfloat16(
     holds with the dense products returning bf16, as on accelerators (`narrow_products`), whose
     products really do return bf16."""
     encoder = Encoder.from_pretrained(minilm_path, max_length=LENGTH)
-    batch = encoder.tokenizer(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
+    batch = AutoTokenizer.from_pretrained(minilm_path)(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
     ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
     probe = jnp.asarray(_probe(len(texts)))
 

@@ -3,16 +3,18 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 from flax import linen as nn
-from transformers import BertModel
+from transformers import AutoTokenizer, BertModel
 
 from pegjax import export
-from pegjax.data.tokenizer import load_tokenizer, tokenize
+from pegjax.data.tokenizer import TokenizerError, load_tokenizer, tokenize
 from pegjax.encode import Encoder
 from pegjax.models import hf
 from pegjax.models.bert import BertConfig, EmbeddingModel
@@ -47,29 +49,61 @@ def test_chinese_text_tokenizes_without_unknown_floods(chinese_tokenizer, mixed_
     assert chinese_tokenizer.tokenize("高血压") == ["高", "血", "压"]
 
 
-@pytest.mark.parametrize("which", ["minilm", "chinese_vocab"])
-def test_tokenize_gives_the_tokenizers_own_ids_whatever_its_truncation_state(
-        which, minilm_path, shared_data, mixed_texts, tmp_path):
-    """pegjax tokenizes through a private copy of the fast tokenizer's Rust backend: the ids of
-    ``tokenizer(texts)``, untouched by truncation or padding that a call or the tokenizer.json set."""
-    if which == "minilm":
-        folder = tmp_path / "minilm"
-        shutil.copytree(minilm_path, folder)
-        spec = json.loads((folder / "tokenizer.json").read_text())
-        spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+@pytest.mark.parametrize("which", ["minilm", "minilm_vocab_txt", "chinese_vocab", "e5"])
+def test_tokenize_gives_the_ids_transformers_gives(which, minilm_path, shared_data, mixed_texts, tmp_path, request):
+    """pegjax reads tokenizers itself, without transformers: the ids transformers' own tokenizer
+    gives for the same folder or vocab file, untruncated and unpadded even where tokenizer.json
+    ships with truncation and padding on; the same pad and unknown ids."""
+    from transformers import BertTokenizerFast
+
+    source = str(tmp_path / "tokenizer")
+    if which == "minilm":  # a tokenizer.json that truncates and pads to 40
+        shutil.copytree(minilm_path, source)
+        spec = json.loads(open(os.path.join(source, "tokenizer.json")).read())
+        spec["truncation"] = {"direction": "Right", "max_length": 40, "strategy": "LongestFirst", "stride": 0}
         spec["padding"] = {"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None,
                            "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
-        (folder / "tokenizer.json").write_text(json.dumps(spec))
-        tokenizer = load_tokenizer(str(folder))
+        open(os.path.join(source, "tokenizer.json"), "w").write(json.dumps(spec))
+    elif which == "minilm_vocab_txt":  # no tokenizer.json: vocab.txt and tokenizer_config.json's casing
+        shutil.copytree(minilm_path, source)
+        os.remove(os.path.join(source, "tokenizer.json"))
+        settings = json.loads(open(os.path.join(source, "tokenizer_config.json")).read())
+        open(os.path.join(source, "tokenizer_config.json"), "w").write(json.dumps({**settings, "do_lower_case": False}))
+    elif which == "chinese_vocab":
+        source = str(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
     else:
-        tokenizer = load_tokenizer(str(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
-    want = tokenizer(mixed_texts, truncation=False, padding=False)["input_ids"]
+        source = request.getfixturevalue("e5_path")
+    ours = load_tokenizer(source)
+    reference = (BertTokenizerFast(vocab=source, do_lower_case=True, tokenize_chinese_chars=True)
+                 if which == "chinese_vocab" else AutoTokenizer.from_pretrained(source))
+    want = reference(mixed_texts, truncation=False, padding=False)["input_ids"]
     assert max(len(ids) for ids in want) > 300  # long abstracts: nothing truncated them
-    tokenizer(mixed_texts[:2], truncation=True, max_length=5, padding="max_length")  # leaves state behind
-    got = tokenize(tokenizer, mixed_texts, 10**6)
+    got = tokenize(ours, mixed_texts, 10**6)
     assert [list(ids) for ids in got] == [list(ids) for ids in want]
-    cut = tokenize(tokenizer, mixed_texts, 16)  # truncated here: the first 15 tokens and the closing one
+    assert (ours.pad_token_id, ours.unk_token_id) == (reference.pad_token_id, reference.unk_token_id)
+    cut = tokenize(ours, mixed_texts, 16)  # truncated here: the first 15 tokens and the closing one
     assert all(list(c) == (list(w) if len(w) <= 16 else list(w[:15]) + [w[-1]]) for c, w in zip(cut, want))
+    if which == "minilm_vocab_txt":  # the folder's casing was read: cased ids differ from MiniLM's own
+        assert [list(ids) for ids in want] != load_tokenizer(minilm_path).encode(mixed_texts)
+
+
+def test_a_run_reads_its_tokenizer_without_importing_transformers(minilm_path):
+    """transformers costs each run ~2.5 s to import (and imports torch when torch is installed)."""
+    script = ("import sys\nimport pegjax.main, pegjax.train, pegjax.evaluate, pegjax.mine\n"
+              "from pegjax.data.tokenizer import TokenizerError, load_tokenizer, tokenize\n"
+              f"tokenize(load_tokenizer({minilm_path!r}), ['a claim'], 64)\n"
+              "print(sorted(m for m in ('transformers', 'torch', 'sentence_transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_an_unreadable_tokenizer_json_is_named(minilm_path, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(minilm_path, folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(TokenizerError, match=f"{folder}/tokenizer.json: not a tokenizer.json that the tokenizers "
+                                             "library can read"):
+        load_tokenizer(str(folder))
 
 
 def test_chinese_round_trip_gives_identical_embeddings(chinese_folder, mixed_texts):
@@ -82,7 +116,7 @@ def test_saved_folder_loads_in_transformers_with_same_outputs(chinese_folder, mi
     encoder, folder = chinese_folder
     texts = mixed_texts[-80:]
     model = BertModel.from_pretrained(folder, add_pooling_layer=False).eval()
-    batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.inference_mode():
         expected = model(**batch).last_hidden_state[:, 0].numpy()
     got = encoder.encode(texts, normalize=False)
