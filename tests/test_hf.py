@@ -56,19 +56,20 @@ def test_tokenize_gives_the_ids_transformers_gives(which, minilm_path, shared_da
     ships with truncation and padding on; the same pad and unknown ids."""
     from transformers import BertTokenizerFast
 
-    source = str(tmp_path / "tokenizer")
+    folder = tmp_path / "tokenizer"
+    source = str(folder)
     if which == "minilm":  # a tokenizer.json that truncates and pads to 40
-        shutil.copytree(minilm_path, source)
-        spec = json.loads(open(os.path.join(source, "tokenizer.json")).read())
+        shutil.copytree(minilm_path, folder)
+        spec = json.loads((folder / "tokenizer.json").read_text())
         spec["truncation"] = {"direction": "Right", "max_length": 40, "strategy": "LongestFirst", "stride": 0}
         spec["padding"] = {"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None,
                            "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
-        open(os.path.join(source, "tokenizer.json"), "w").write(json.dumps(spec))
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
     elif which == "minilm_vocab_txt":  # no tokenizer.json: vocab.txt and tokenizer_config.json's casing
-        shutil.copytree(minilm_path, source)
-        os.remove(os.path.join(source, "tokenizer.json"))
-        settings = json.loads(open(os.path.join(source, "tokenizer_config.json")).read())
-        open(os.path.join(source, "tokenizer_config.json"), "w").write(json.dumps({**settings, "do_lower_case": False}))
+        shutil.copytree(minilm_path, folder)
+        (folder / "tokenizer.json").unlink()
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": False}))
     elif which == "chinese_vocab":
         source = str(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
     else:
