@@ -265,6 +265,31 @@ def test_no_collective_runs_inside_the_chunk_or_block_loops():
     assert loop_collectives(hlo) == []
 
 
+def materialized_u32_arrays(hlo: str) -> list[str]:
+    """The u32 arrays of rank >= 3 that compiled HLO text writes to memory: results of the
+    instructions of the entry computation and of loop bodies, not values inside a fusion."""
+    fused = set(re.findall(r"fusion\(.*?calls=%?([\w.\-]+)", hlo))
+    computation, found = None, []
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            computation = header.group(1)
+        elif computation not in fused and (array := re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (u32\[\d+(?:,\d+){2,}\])", line)):
+            found.append(f"{computation}: {array.group(1)} {array.group(2)}")
+    return found
+
+
+def test_dropout_masks_are_hashed_where_they_are_applied():
+    """A dropout mask is a hash of each element's index, computed inside the fusion that applies
+    it. Left to itself, XLA builds the index arrays once outside the chunk loop (a u32
+    [rows, heads, L, L] array per layer, 300 MB at bench.train_step's shape) and every dropout reads
+    them back from memory; the step was ~2% slower for it."""
+    step, state, _, batch = compiled_step({"data": 2, "fsdp": 4}, make_batch(2), encode_chunk=2)
+    hlo = step.lower(state, batch).compile().as_text()
+    assert "while" in hlo and re.search(r"u32\[\d+(,\d+){2,}\]", hlo)  # the chunk loop; dropout is on
+    assert materialized_u32_arrays(hlo) == []
+
+
 def test_dropout_of_a_batch_split_into_shards_is_the_whole_batchs():
     """The step encodes each batch shard with its own copy of the weights; given (seed, shard),
     every shard gets the dropout masks its rows get in the whole batch."""

@@ -144,14 +144,18 @@ def dropout(x, rate: float, seed, site: int):
         seed, shard = seed
     if x.size >= 2**32:
         raise ValueError(f"dropout over {x.size} elements: at most 2**32 - 1 per call; use a smaller encode chunk")
-    index = jnp.zeros(x.shape, jnp.uint32)
-    stride = 1
-    for dim in reversed(range(x.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
-        stride *= x.shape[dim]
-    if shard is not None:  # the element's index in the whole batch: earlier shards come first
-        index = index + jnp.asarray(shard, jnp.uint32) * jnp.uint32(x.size)
+    # The element's index in the whole batch (earlier shards come first): offset + sum over dims of
+    # iota * stride. The strides and offset go through a barrier with the key, which changes from
+    # one encode chunk to the next: otherwise XLA computes the index array once, outside the
+    # chunk loop, and every dropout reads it back from memory (4 bytes an element, each time).
+    strides = [math.prod(x.shape[dim + 1:]) for dim in range(x.ndim)]
+    offset = 0 if shard is None else jnp.asarray(shard, jnp.uint32) * jnp.uint32(x.size)
     key = _hash32(seed.astype(jnp.uint32) ^ jnp.uint32((site * 0x9E3779B9) & 0xFFFFFFFF))
+    offset, strides, key = lax.optimization_barrier(
+        (jnp.asarray(offset, jnp.uint32), [jnp.uint32(s) for s in strides], key))
+    index = offset
+    for dim, stride in enumerate(strides):  # each term a broadcast of a [n] vector: nothing full-size to hoist
+        index = index + lax.broadcast_in_dim(jnp.arange(x.shape[dim], dtype=jnp.uint32) * stride, x.shape, (dim,))
     bits = _hash32(index ^ key)
     keep = bits >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
