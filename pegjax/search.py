@@ -19,29 +19,40 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 _AXIS = "shard"
 
 
-# Columns per group of the two-stage top-k: 64 ran the search at 2,786 q/s (median of 6) against
-# 2,262 at 32 on a 2-core AMD EPYC (family 26), the same process, identical results (bench/RESULTS.md).
-_GROUP = 64
+# Columns per group of the two-stage top-k. With the candidates thresholded (see _block_top_k), 32
+# ran the search 1.10x the unthresholded code side by side on the 2-core AMX Intel Xeon, 64 only
+# 1.05x; identical top-k sets (bench/RESULTS.md). Unthresholded, 64 beat 32 on a 2-core AMD EPYC.
+_GROUP = 32
 
 
 def _block_top_k(scores, valid, k):
-    """Exact top-k of [Q, B] scores over the columns where ``valid`` [B] bool is set, B a
-    multiple of _GROUP -> ([Q, k] f32, [Q, k] column i32).
+    """Exact top-k of [Q, B] scores over the columns where ``valid`` [B] bool is set (a prefix of
+    the columns), B a multiple of _GROUP -> ([Q, k] f32, [Q, k] column i32).
 
     Two stages, both exact: the k groups of _GROUP columns with the largest maxima hold every top-k
     entry (an entry of the top k is at least the k-th largest group maximum), so a top-k over
-    those k*_GROUP candidates gives the answer. XLA:CPU's top_k costs ~3x less this way than over B,
-    and the padding mask is applied inside the group reduction, not as a pass over [Q, B].
+    those k*_GROUP candidates gives the answer. XLA:CPU's top_k costs ~3x less this way than over B.
+    The maxima are taken over the raw scores, with no pass over [Q, B] to mask the padding: groups
+    of padding alone are masked out of the [Q, B / _GROUP] maxima, and the one group that mixes
+    real rows and padding may carry a padding score as its maximum, so k + 1 groups are kept. That
+    group can push at most one of the true k out of the top k, never out of the top k + 1.
     """
     rows, width = scores.shape
     if width <= 4 * k * _GROUP:
         return jax.lax.top_k(jnp.where(valid[None, :], scores, -jnp.inf), k)
     groups = scores.reshape(rows, width // _GROUP, _GROUP)
     valid_groups = valid.reshape(width // _GROUP, _GROUP)
-    group_max = jnp.where(valid_groups[None], groups, -jnp.inf).max(axis=-1)
-    _, group_index = jax.lax.top_k(group_max, k)
+    group_max = jnp.where(valid_groups[None, :, 0], groups.max(axis=-1), -jnp.inf)
+    top_max, group_index = jax.lax.top_k(group_max, k + 1)
     candidates = jnp.take_along_axis(groups, group_index[..., None], axis=1)
-    candidates = jnp.where(valid_groups[group_index], candidates, -jnp.inf).reshape(rows, k * _GROUP)
+    # The (k+1)-th largest group maximum is at most the k-th largest score (k of those k + 1
+    # groups hold real rows only, so k real scores reach it): candidates below it cannot be in the
+    # top k and are dropped before the second top-k. ~k of the (k+1)*_GROUP survive, and XLA:CPU's
+    # top_k then costs ~2x less. The barrier keeps XLA from turning the first top_k into a full
+    # sort, which it does when only one of its columns is read.
+    threshold = jax.lax.optimization_barrier(top_max)[:, k, None, None]
+    keep = valid_groups[group_index] & (candidates >= threshold)
+    candidates = jnp.where(keep, candidates, -jnp.inf).reshape(rows, (k + 1) * _GROUP)
     top, position = jax.lax.top_k(candidates, k)
     column = jnp.take_along_axis(group_index, position // _GROUP, axis=1) * _GROUP + position % _GROUP
     return top, column
