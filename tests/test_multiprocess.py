@@ -23,6 +23,18 @@ def local_run(args, workdir, processes, devices, env_extra=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def process_pid(process, index: int, timeout: float = 120) -> int:
+    """The pid of launch/local.sh's process ``index`` (looked up before it is needed, so that a
+    signal lands the moment the test sends it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = subprocess.run(["pgrep", "-g", str(process.pid), "-f", f"process_id={index}"], capture_output=True, text=True)
+        if found.stdout.split():
+            return int(found.stdout.split()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"process {index} of launch/local.sh did not start within {timeout} s")
+
+
 def losses(workdir):
     return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl")) if "loss" in json.loads(line)]
 
@@ -92,13 +104,17 @@ def test_evaluation_with_two_processes_gives_the_metrics_of_one(minilm_path, sha
 
 def test_killing_one_process_ends_the_other_with_a_clear_error_then_resumes(shared_data, one_process, tmp_path):
     reference, data = one_process
-    args = tiny_args(shared_data, tmp_path, data, "--heartbeat_timeout=10")
+    # Synchronous saves: step 3's checkpoint has committed before step 4 starts, so the kill lands
+    # with 9 steps still to run. With async saves the commit can trail training under load until
+    # the run is all but over (CI once killed process 1 after process 0 had finished).
+    args = tiny_args(shared_data, tmp_path, data, "--heartbeat_timeout=10", "--config.train.async_checkpoints=false")
     process = local_run(args, tmp_path, processes=2, devices=4)
+    second = process_pid(process, 1)
     wait_for_checkpoint(process, tmp_path, 3)
-    second = subprocess.run(["pgrep", "-g", str(process.pid), "-f", "process_id=1"], capture_output=True, text=True)
-    os.kill(int(second.stdout.split()[0]), signal.SIGKILL)
+    os.kill(second, signal.SIGKILL)
     killed_at = time.time()
     _, err = process.communicate(timeout=240)
+    assert not (tmp_path / "export").exists(), "the run finished before process 1 was killed"
     assert process.returncode != 0
     assert time.time() - killed_at < 120
     assert "another task died" in err
@@ -115,8 +131,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_then_resumes(shared_
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.05)
-    second = subprocess.run(["pgrep", "-g", str(process.pid), "-f", "process_id=1"], capture_output=True, text=True)
-    os.kill(int(second.stdout.split()[0]), signal.SIGTERM)
+    os.kill(process_pid(process, 1), signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     stopped = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
