@@ -28,9 +28,9 @@ def process_pid(process, index: int, timeout: float = 120) -> int:
     signal lands the moment the test sends it)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        found = subprocess.run(["pgrep", "-g", str(process.pid), "-f", f"process_id={index}"], capture_output=True, text=True)
-        if found.stdout.split():
-            return int(found.stdout.split()[0])
+        found = subprocess.run(["pgrep", "-g", str(process.pid), "-f", f"process_id={index}"], capture_output=True, text=True).stdout.split()
+        if found:
+            return int(found[0])
         time.sleep(0.05)
     raise AssertionError(f"process {index} of launch/local.sh did not start within {timeout} s")
 
@@ -104,9 +104,9 @@ def test_evaluation_with_two_processes_gives_the_metrics_of_one(minilm_path, sha
 
 def test_killing_one_process_ends_the_other_with_a_clear_error_then_resumes(shared_data, one_process, tmp_path):
     reference, data = one_process
-    # Synchronous saves: step 3's checkpoint has committed before step 4 starts, so the kill lands
-    # with 9 steps still to run. With async saves the commit can trail training under load until
-    # the run is all but over (CI once killed process 1 after process 0 had finished).
+    # The kill must land while steps remain (CI once killed process 1 only after process 0 had run
+    # all 12): with synchronous saves step 3's checkpoint has committed before step 4 starts, and
+    # the pid is looked up beforehand, so the kill follows the commit with no pgrep in between.
     args = tiny_args(shared_data, tmp_path, data, "--heartbeat_timeout=10", "--config.train.async_checkpoints=false")
     process = local_run(args, tmp_path, processes=2, devices=4)
     second = process_pid(process, 1)
