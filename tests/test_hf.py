@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax import linen as nn
-from transformers import AutoTokenizer, BertModel
+from transformers import AutoTokenizer, BertModel, BertTokenizerFast
 
 from pegjax import export
 from pegjax.data.tokenizer import TokenizerError, load_tokenizer, tokenize
@@ -88,14 +88,26 @@ def test_tokenize_gives_the_ids_transformers_gives(which, minilm_path, shared_da
         assert [list(ids) for ids in want] != load_tokenizer(minilm_path).encode(mixed_texts)
 
 
-def test_a_run_reads_its_tokenizer_without_importing_transformers(minilm_path):
-    """transformers costs each run ~2.5 s to import (and imports torch when torch is installed)."""
-    script = ("import sys\nimport pegjax.main, pegjax.train, pegjax.evaluate, pegjax.mine\n"
+def test_a_run_reads_and_exports_its_tokenizer_without_importing_transformers(minilm_path, shared_data, tmp_path):
+    """transformers costs each run ~2.5 s to import, ~7 s when torch is installed (it imports torch)."""
+    vocab = str(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
+    script = ("import sys\nimport pegjax.main, pegjax.train, pegjax.evaluate, pegjax.mine, pegjax.export\n"
               "from pegjax.data.tokenizer import TokenizerError, load_tokenizer, tokenize\n"
               f"tokenize(load_tokenizer({minilm_path!r}), ['a claim'], 64)\n"
+              f"load_tokenizer({minilm_path!r}).save_pretrained({str(tmp_path / 'folder')!r})\n"
+              f"load_tokenizer({vocab!r}).save_pretrained({str(tmp_path / 'vocab')!r})\n"
               "print(sorted(m for m in ('transformers', 'torch', 'sentence_transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+    # What was written tokenizes as transformers tokenizes the source: a folder's files as they
+    # were, a vocab file as BertTokenizerFast makes it.
+    texts = ["Aspirin's effect, ÉCOLE café", "阿司匹林的作用机制", "[MASK] inside [SEP] a text", ""]
+    for written, source in ((tmp_path / "folder", AutoTokenizer.from_pretrained(minilm_path)),
+                            (tmp_path / "vocab", BertTokenizerFast(vocab=vocab))):
+        assert AutoTokenizer.from_pretrained(str(written))(texts)["input_ids"] == source(texts)["input_ids"]
+    assert sorted(os.listdir(tmp_path / "folder")) == sorted(
+        name for name in os.listdir(minilm_path) if name in ("tokenizer.json", "tokenizer_config.json",
+                                                              "special_tokens_map.json", "vocab.txt"))
 
 
 def test_an_unreadable_tokenizer_json_is_named(minilm_path, tmp_path):

@@ -4,9 +4,9 @@ pegjax reads the tokenizer itself instead of through transformers: ``tokenizer.j
 or a WordPiece ``vocab.txt`` built the way transformers' ``BertTokenizerFast`` builds it. This
 gives the ids transformers gives (tests/test_hf.py checks them on real SciFact and medical_zh
 text) without importing transformers, which costs every run ~2.5 s (and imports torch with it
-when torch is installed). transformers is imported only to write a tokenizer folder on export
-(`Tokenizer.save_pretrained`) and to read a folder that has neither file (e.g. only a
-SentencePiece model), which it converts.
+when torch is installed). An export writes the tokenizer files without it too
+(`Tokenizer.save_pretrained`); transformers is imported only to read a folder that has neither
+file (e.g. only a SentencePiece model), which it converts.
 
 One difference is known: transformers 5 rebuilds an XLM-R tokenizer from its own class rather than
 from ``tokenizer.json`` as written, and the two split a special token written inside a text (the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -61,9 +62,33 @@ class Tokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
     def save_pretrained(self, folder: str) -> None:
-        """Writes the tokenizer as transformers writes it (tokenizer.json, tokenizer_config.json,
-        ...), so that transformers and sentence-transformers load the folder."""
-        _transformers_tokenizer(self.source, self.lowercase).save_pretrained(folder)
+        """Writes the tokenizer files that transformers and sentence-transformers load: those of
+        the source folder as they are (so the folder tokenizes as its source does), or, for a
+        ``vocab.txt`` file, the ``tokenizer.json`` and ``tokenizer_config.json`` that transformers'
+        ``BertTokenizerFast`` writes for it. transformers is not imported (with torch installed,
+        importing it takes ~7 s of an export on a 2-core CPU)."""
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(self.source):
+            for name in TOKENIZER_FILES:
+                source, target = os.path.join(self.source, name), os.path.join(folder, name)
+                if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
+                    shutil.copyfile(source, target)
+            return
+        self.backend.save(os.path.join(folder, "tokenizer.json"))
+        specials = {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]",
+                    "unk_token": "[UNK]"}
+        config = {"backend": "tokenizers", "do_lower_case": self.lowercase, "strip_accents": None,
+                  "tokenize_chinese_chars": True, "tokenizer_class": "BertTokenizer",
+                  **{k: v for k, v in specials.items() if self.backend.token_to_id(v) is not None}}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+
+
+# The files a Hugging Face tokenizer folder may hold (fast and slow tokenizers of the BERT, RoBERTa
+# and XLM-R families): what an export copies from its source folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
 
 
 def _token_id(backend, token: str | None, defaults: tuple[str, ...]) -> int | None:
