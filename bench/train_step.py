@@ -13,8 +13,11 @@ with scale 1/tau = 20 and every passage of the batch a candidate.
 sentence-transformers pads each column of the batch to its longest text, as its data collator
 does; pegjax packs texts into fixed rows (`pegjax.data.packing`, rows chosen from a sample of the
 data as a training run chooses them) and uses one CPU device per core, as ``pegjax.main`` does.
-Both are timed warm (compilation / first call not counted), best of ``--steps``. Prints the CPU
-model, queries/s of each and the ratio.
+Both are timed warm (compilation / first call not counted), taking turns for ``--steps`` rounds
+(`bench.common.interleaved`: a cloud CPU's speed drifts within minutes). Prints the CPU model,
+the median s/step and queries/s of each, the ratio round by round, and the float32 roofline: each
+side's GFLOP/s (4 forward passes' worth of products over the real tokens, `encoder_flops`) beside
+this CPU's float32 product rate.
 
 ``--dtypes float32,bfloat16`` runs both sides once per compute dtype: pegjax with
 ``EmbeddingModel(dtype=...)`` (float32 parameters and optimizer), sentence-transformers under
@@ -25,11 +28,12 @@ pegjax in bf16 against sentence-transformers' default, float32.
 import argparse
 import json
 import os
-import time
+import statistics
 
 import numpy as np
 
-from bench.common import SHARED_DATA, cpu_model, minilm_path
+
+from bench.common import SHARED_DATA, cpu_model, encoder_flops, interleaved, minilm_path, product_peak, ratios, roofline
 from pegjax.distributed import use_cpu_cores
 
 HARD_NEGATIVES = 5
@@ -82,16 +86,6 @@ def _with_negatives(pairs, passages, queries, seed):
 DATA = {"scifact": scifact_groups, "medical_zh": medical_zh_groups}
 
 
-def time_steps(step, steps):
-    step()  # warm-up (jit compile / allocator)
-    best = float("inf")
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def pegjax_step(queries, groups, sample, args, dtype):
     import jax
     import optax
@@ -114,9 +108,12 @@ def pegjax_step(queries, groups, sample, args, dtype):
     texts = {"passage_hashes": np.zeros(len(passages), np.int32), "positive_hashes": np.zeros((len(queries), 1), np.int32)}
     geometries = {}
     sample_passages, sample_queries = sample
+    real_lengths = []
     for kind, items, length, sampled in (("query", queries, args.query_length, sample_queries),
                                          ("passage", passages, args.passage_length, sample_passages)):
-        texts[f"{kind}_ids"], texts[f"{kind}_mask"] = pad_batch(tokenize(tokenizer, items, length), length, len(items))
+        ids = tokenize(tokenizer, items, length)
+        real_lengths += [len(i) for i in ids]
+        texts[f"{kind}_ids"], texts[f"{kind}_mask"] = pad_batch(ids, length, len(items))
         lengths = [len(ids) for ids in tokenize(tokenizer, sampled, length)]
         # The mini-batch is per device here: the devices together encode args.mini_batch rows.
         geometries[kind] = packing.estimate_geometry(lengths, len(items) // shards, length, args.mini_batch // shards)
@@ -139,6 +136,7 @@ def pegjax_step(queries, groups, sample, args, dtype):
     run.geometries = geometries
     run.holder = holder
     run.shards = shards
+    run.flops = 4 * encoder_flops(config, real_lengths)  # forward, recomputed forward, backward (2x)
     return run
 
 
@@ -191,29 +189,31 @@ def main():
           f"{torch.get_num_threads()}")
     print(f"global batch {args.queries} queries x {1 + HARD_NEGATIVES} passages, lengths {args.query_length}/"
           f"{args.passage_length}, mini-batch {args.mini_batch}, dropout 0.1 on both")
+    peak = None
     for name in args.data.split(","):
         queries, groups, sample = DATA[name](args.queries)
-        times = {}
+        medians = {}
         for dtype in args.dtypes.split(","):
             ours_run = pegjax_step(queries, groups, sample, args, dtype)
-            ours = time_steps(ours_run, args.steps)
             theirs_run = reference_step(queries, groups, args, dtype)
-            theirs = time_steps(theirs_run, args.steps)
-            times[dtype] = ours, theirs
+            times = interleaved({"pegjax": ours_run, "CachedMNRL": theirs_run}, args.steps)
+            ours, theirs = medians[dtype] = statistics.median(times["pegjax"]), statistics.median(times["CachedMNRL"])
             real = ours_run.holder["metrics"]["real_tokens"]
             fraction = ours_run.holder["metrics"]["real_token_fraction"]
             rows = ", ".join(f"{k} {g.rows * ours_run.shards} rows x {g.length} ({g.slots} slots)" for k, g in ours_run.geometries.items())
             print(f"\n{name}, {dtype}: {real:.0f} real tokens; pegjax packs them into {rows}: {fraction:.0%} real; "
                   f"sentence-transformers pads to {theirs_run.positions} positions: {real / theirs_run.positions:.0%} real")
-            print(f"  pegjax step                       {ours:7.2f} s  {len(queries) / ours:7.2f} queries/s")
+            print(f"  pegjax step                       {ours:7.2f} s  {len(queries) / ours:7.2f} queries/s  (median of {args.steps})")
             print(f"  sentence-transformers CachedMNRL  {theirs:7.2f} s  {len(queries) / theirs:7.2f} queries/s")
-            print(f"  ratio pegjax / sentence-transformers  {theirs / ours:5.2f}x")
-        if "float32" in times and "bfloat16" in times:
+            print(f"  ratio pegjax / sentence-transformers  {ratios(times['pegjax'], times['CachedMNRL'])}")
+            if dtype == "float32":
+                peak = peak or product_peak()
+                print("\n".join("  " + line for line in roofline(
+                    ours_run.flops, {"pegjax step": ours, "sentence-transformers CachedMNRL": theirs}, peak)))
+            del ours_run, theirs_run
+        if "float32" in medians and "bfloat16" in medians:
             print(f"  {name}: pegjax bf16 / sentence-transformers float32 (its default)  "
-                  f"{times['float32'][1] / times['bfloat16'][0]:5.2f}x")
+                  f"{medians['float32'][1] / medians['bfloat16'][0]:5.2f}x")
 
 if __name__ == "__main__":
-    from pegjax.distributed import restart_with_tuned_malloc
-
-    restart_with_tuned_malloc()
     main()
