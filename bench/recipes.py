@@ -153,7 +153,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from pegjax.distributed import restart_with_tuned_malloc
-
-    restart_with_tuned_malloc()
     main()

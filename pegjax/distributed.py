@@ -50,7 +50,7 @@ def restart_with_tuned_malloc() -> None:
     the dynamic linker ``LD_PRELOAD`` only at start): ``MALLOC_TUNABLES`` always, and the system's
     tcmalloc preloaded where there is one (`find_tcmalloc`).
 
-    Called first thing by the command-line entry points, never from a library call. Does nothing
+    Called for the command-line entry points (`restart_if_command`), never from a library call. Does nothing
     when ``GLIBC_TUNABLES`` is already set (a user's own setting wins; ``GLIBC_TUNABLES=`` opts out of
     both) or off glibc Linux; leaves ``LD_PRELOAD`` alone when it is set, and
     ``PEGJAX_TCMALLOC=0`` keeps glibc's malloc.
@@ -70,6 +70,21 @@ def restart_with_tuned_malloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)
+
+
+def restart_if_command(package: str) -> None:
+    """`restart_with_tuned_malloc` when this process is ``python -m PACKAGE.MODULE`` (one of the
+    package's commands), called from the package's ``__init__``: Python imports the package before
+    it runs the command's module, so the restart comes before the module's own imports. (From the
+    module's ``__main__`` block it came after them: jax imported twice, ~5 s of every command's
+    start on a 2-core CPU, an `error:` line included.) While ``-m`` locates its module,
+    ``sys.argv[0]`` is ``"-m"``; an import of the package from anywhere else changes nothing."""
+    argv = getattr(sys, "orig_argv", [])
+    if sys.argv[:1] != ["-m"] or "-m" not in argv[1:]:
+        return
+    module = argv[argv.index("-m", 1) + 1] if argv.index("-m", 1) + 1 < len(argv) else ""
+    if module.startswith(package + "."):
+        restart_with_tuned_malloc()
 
 
 def use_cpu_cores() -> None:

@@ -193,9 +193,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from pegjax.distributed import restart_with_tuned_malloc
-
-    restart_with_tuned_malloc()
     from absl import app
 
     from pegjax.errors import guarded

@@ -142,9 +142,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from pegjax.distributed import restart_with_tuned_malloc
-
-    restart_with_tuned_malloc()
     from absl import app, flags
 
     flags.DEFINE_string("model", None, "Model folder to export (re-export, e.g. with another pooling).")

@@ -59,9 +59,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from pegjax.distributed import restart_with_tuned_malloc
-
-    restart_with_tuned_malloc()
     from pegjax.errors import guarded
 
     app.run(guarded(main))

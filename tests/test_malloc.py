@@ -53,6 +53,24 @@ def test_a_command_restarts_once_with_the_tunables_in_the_same_process():
     assert faults.startswith("faults ")
 
 
+@pytest.mark.parametrize("command", ["pegjax.export", "bench.search"])
+def test_a_command_restarts_before_it_imports_jax(command, tmp_path):
+    """The restart comes from the package, before the command's module runs its imports: jax is
+    imported once, by the restarted process (twice cost every command ~5 s of its start). (The
+    benchmark's --help imports no jax at all.)"""
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "PEGJAX_TCMALLOC")}
+    args = ["--model=/no/such/folder", f"--out={tmp_path / 'out'}"] if command == "pegjax.export" else ["--help"]
+    done = subprocess.run([sys.executable, "-m", command, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(base, PYTHONPROFILEIMPORTTIME="1", PYTHONDONTWRITEBYTECODE="1"))
+    # Each process prints its own table of imports, headed by the same line.
+    tables = done.stderr.split("import time: self [us] | cumulative | imported package")[1:]
+    before, after = ([line.rsplit("|", 1)[1].strip() for line in table.splitlines() if line.startswith("import time:")]
+                     for table in tables)  # exactly two processes: the command and its restart
+    assert "jax" not in before and "pegjax.distributed" in before, done.stderr[-2000:]
+    # export reads the folder after importing jax, then fails; --help stops before any jax
+    assert ("jax" in after) == (command == "pegjax.export"), done.stderr[-2000:]
+
+
 def test_a_users_own_setting_wins_and_an_empty_one_opts_out():
     first, faults = run(GLIBC_TUNABLES="")
     assert first.endswith(" '' None")
