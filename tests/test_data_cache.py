@@ -11,7 +11,7 @@ import time
 from pegjax.data import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PART_LINES = 2000
+PART_LINES = 1000
 
 
 def synthetic_file(shared_data, path, lines):
@@ -35,7 +35,7 @@ def records(files):
 
 
 def test_a_build_killed_halfway_resumes_at_its_first_unfinished_part(shared_data, tmp_path, monkeypatch):
-    data = synthetic_file(shared_data, tmp_path / "train.jsonl", 40_000)
+    data = synthetic_file(shared_data, tmp_path / "train.jsonl", 20_000)
     cache = tmp_path / "cache"
     build = (f"from pegjax.data import training; "
              f"training.build_cache([{str(data)!r}], {str(cache)!r}, 'error', part_lines={PART_LINES})")
@@ -57,9 +57,9 @@ def test_a_build_killed_halfway_resumes_at_its_first_unfinished_part(shared_data
         written.append(number), write_part(read, building, number, *rest))[1])
     files, stats = training.build_cache([str(data)], str(cache), "error", part_lines=PART_LINES)
     assert written and min(written) >= len(finished) and max(written) == 19  # only the unfinished parts
-    assert stats["lines"] == stats["records"] == 40_000 and len(files) == 20
+    assert stats["lines"] == stats["records"] == 20_000 and len(files) == 20
     assert not any(name.endswith(".building") for name in os.listdir(cache))
-    assert records(files) == [f"{q} #{i}" for i, q in enumerate(_queries(shared_data, 40_000))]
+    assert records(files) == [f"{q} #{i}" for i, q in enumerate(_queries(shared_data, 20_000))]
 
 
 def _queries(shared_data, count):

@@ -31,6 +31,8 @@ def test_reads_sentence_transformers_pooling(minilm):
 @pytest.mark.parametrize("max_length", [256, 64])
 def test_float32_embeddings_equal_sentence_transformers(minilm, reference, mixed_texts, max_length):
     assert len(mixed_texts) >= 200
+    if max_length == 64:  # every kind of text, most of them truncated: half the texts suffice
+        mixed_texts = mixed_texts[::2]
     reference.max_seq_length = max_length
     expected = reference.encode(mixed_texts, batch_size=16, convert_to_numpy=True)
     got = minilm.encode(mixed_texts, batch_size=16, max_length=max_length)
