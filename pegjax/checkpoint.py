@@ -12,8 +12,21 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 
+def _save_whole_shards_on_cpu() -> None:
+    """On CPU devices each array shard is saved whole by its first replica. Orbax's default splits
+    every replicated shard into one slice per replica, which on CPU devices (one memory) copies
+    the data once more and compiles a slice program per array shape and device: 88 programs,
+    ~5 s of a tiny 8-device run's first save on a 2-core CPU. GPUs and TPUs keep Orbax's choice."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpoints:
     def __init__(self, directory: str, keep: int, best_metric: str = "", async_save: bool = True):
+        _save_whole_shards_on_cpu()
         policies = [preservation.LatestN(n=keep)]
         if best_metric:
             # Ascending by the metric, the last one kept: the best. Saves without the metric are
