@@ -18,10 +18,18 @@ def _save_whole_shards_on_cpu() -> None:
     the data once more and compiles a slice program per array shape and device: 88 programs,
     ~5 s of a tiny 8-device run's first save on a 2-core CPU. GPUs and TPUs keep Orbax's choice."""
     import jax
+    from absl import logging as absl_logging
 
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() != "cpu":
+        return
+    # Orbax warns on every override of its default handler: the choice is deliberate, so quiet.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
         ocp.type_handlers.register_type_handler(
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 class Checkpoints:
