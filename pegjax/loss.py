@@ -193,34 +193,44 @@ def contrastive_loss(
         if config.margin is not None:
             fixed = lax.stop_gradient(scores)
             negative &= fixed * tau <= lax.stop_gradient(positive_score)[..., None] * tau + config.margin
+        # Computed once and kept: otherwise XLA recomputes the comparisons and hash lookups inside
+        # every pass below that reads the mask.
+        negative = lax.optimization_barrier(negative)
         count = negative.sum(-1)
-        # Progressive negative weights, in log space: log w_ij = log N_i + log softmax_j(beta*s_ij).
+        has = count > 0
+        # Every term below is relative to the hardest negative's score m (a stop-gradient value):
+        # with d = s - m <= 0 over the negatives, no exponential overflows and the largest is 1.
         fixed = lax.stop_gradient(scores)
-        beta_logits = jnp.where(negative, beta * fixed, -jnp.inf)
-        log_norm = jax.nn.logsumexp(beta_logits, axis=-1, keepdims=True)
-        log_norm = jnp.where(count[..., None] > 0, log_norm, 0.0)
-        log_weight = jnp.where(
-            negative, jnp.log(jnp.maximum(count, 1).astype(jnp.float32))[..., None] + beta * fixed - log_norm, 0.0
-        )
-        weighted = jnp.where(negative, scores + log_weight, -jnp.inf)
-        total = jnp.logaddexp(positive_score, jax.nn.logsumexp(weighted, axis=-1))
+        hardest = jnp.where(has, jnp.where(negative, fixed, -jnp.inf).max(-1), 0.0)
+        below = jnp.where(negative, fixed - hardest[..., None], 0.0)  # d, 0 off the negatives
+        # Progressive weights w_ij = N_i * softmax_j(beta * s_ij) = N_i * e_ij / Z_i, e_ij = exp(beta * d_ij).
+        beta_terms = jnp.where(negative, jnp.exp(beta * below), 0.0)
+        beta_norm = beta_terms.sum(-1)
+        # sum_j w_ij exp(s_ij) = N_i exp(m_i) / Z_i * sum_j exp(d_ij + beta * d_ij), the weights
+        # held fixed: the gradient flows through the scores' own d_ij only.
+        exponent = jnp.where(negative, scores - lax.stop_gradient(scores) + below * (1 + beta), 0.0)
+        terms = jnp.where(negative, jnp.exp(exponent), 0.0)
+        terms_sum = terms.sum(-1)
+        tiny = jnp.finfo(jnp.float32).tiny
+        log_negatives = (hardest + jnp.log(jnp.maximum(count, 1).astype(jnp.float32))
+                         - jnp.log(jnp.maximum(beta_norm, tiny)) + jnp.log(jnp.maximum(terms_sum, tiny)))
+        total = jnp.logaddexp(positive_score, jnp.where(has, log_negatives, -jnp.inf))
         loss = jnp.where(real, total - positive_score, 0.0)
-        hardest = jnp.where(count > 0, jnp.where(negative, fixed, -jnp.inf).max(-1), 0.0)
         others = jnp.maximum(candidate_valid.sum() - 1, 1)  # the real candidates besides the positive
-        # Where the negatives' pull goes: their share of the denominator, q_ij ~ w_ij exp(s_ij).
-        log_share = jnp.where(negative, lax.stop_gradient(weighted), -jnp.inf)
-        log_share = log_share - jnp.where(count[..., None] > 0, jax.nn.logsumexp(log_share, axis=-1, keepdims=True), 0.0)
-        share = jnp.where(negative, jnp.exp(log_share), 0.0)
-        entropy = -(share * jnp.where(negative, log_share, 0.0)).sum(-1)
+        # Where the negatives' pull goes: their share of the denominator, q_ij = w_ij exp(s_ij) / sum
+        # = terms_ij / sum_j terms_ij; its entropy is log sum - sum_j q_ij log terms_ij.
+        fixed_terms, fixed_sum = lax.stop_gradient(terms), jnp.maximum(lax.stop_gradient(terms_sum), tiny)
+        entropy = jnp.log(fixed_sum) - (fixed_terms * lax.stop_gradient(exponent)).sum(-1) / fixed_sum
         own = negative & (columns // group == index[..., None]) & (columns < num_passages)
         stats = (
             positive_score * tau,
             hardest * tau,
             (others - count) / others,
-            (count > 0).astype(jnp.float32),
-            jnp.where(count > 0, jnp.exp(entropy), 0.0),
-            (share * own).sum(-1),
-            jnp.where(own, jnp.exp(log_weight), 0.0).sum(-1) / jnp.maximum(count, 1),
+            has.astype(jnp.float32),
+            jnp.where(has, jnp.exp(entropy), 0.0),
+            jnp.where(own, fixed_terms, 0.0).sum(-1) / fixed_sum,
+            # w_ij / N_i summed over the own hard negatives: e_ij / Z_i.
+            jnp.where(own, beta_terms, 0.0).sum(-1) / jnp.maximum(beta_norm, tiny),
         )
         return carry, (loss, stats)
 
