@@ -44,14 +44,38 @@ def _probe(n: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, 384)).astype(np.float32)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_parameter_gradients_equal_torch(minilm_path, texts, torch_gradients, packed):
+def tokenized(minilm_path, texts):
+    batch = AutoTokenizer.from_pretrained(minilm_path)(texts, padding="max_length", truncation=True, max_length=LENGTH,
+                                                       return_tensors="np")
+    return batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
+
+
+def gradient_and_embeddings(embed, probe):
+    """jit of params -> (d/dparams sum(embed(params) * probe), embed(params)): one compiled
+    program gives both."""
+    def objective(params):
+        vectors = embed(params)
+        return jnp.sum(vectors * probe), vectors
+    return jax.jit(jax.grad(objective, has_aux=True))
+
+
+@pytest.fixture(scope="module")
+def float32_gradient(minilm_path, texts):
+    """(encoder, its float32 parameter gradients, its embeddings) of the one-text-a-row batch."""
     encoder = Encoder.from_pretrained(minilm_path, max_length=LENGTH)
-    model = encoder.model
-    batch = AutoTokenizer.from_pretrained(minilm_path)(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
-    ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
+    ids, mask = tokenized(minilm_path, texts)
     probe = jnp.asarray(_probe(len(texts)))
+    grads, vectors = gradient_and_embeddings(lambda params: encoder.model.embed(params, ids, mask), probe)(encoder.params)
+    return encoder, grads, np.asarray(vectors)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_parameter_gradients_equal_torch(minilm_path, texts, torch_gradients, float32_gradient, packed):
+    encoder, grads, _ = float32_gradient
+    model = encoder.model
     if packed:
+        ids, mask = tokenized(minilm_path, texts)
+        probe = jnp.asarray(_probe(len(texts)))
         geometry = RowGeometry(texts=len(texts), rows=rows_needed(mask.sum(1), 2 * LENGTH, 4), length=2 * LENGTH,
                                slots=4, max_chunk=64)
         tokens, segments, slots = pack(ids, mask, geometry)
@@ -59,11 +83,8 @@ def test_parameter_gradients_equal_torch(minilm_path, texts, torch_gradients, pa
 
         def embed(params):
             return model.embed_packed(params, tokens, segments, geometry.slots).reshape(-1, 384)[slots]
-    else:
-        def embed(params):
-            return model.embed(params, ids, mask)
 
-    grads = jax.jit(jax.grad(lambda params: jnp.sum(embed(params) * probe)))(encoder.params)
+        grads, _ = gradient_and_embeddings(embed, probe)(encoder.params)
     got = params_to_hf(grads, model.config)
     assert set(got) == set(torch_gradients)  # every parameter that gets a gradient in torch, and no other
     for name, expected in torch_gradients.items():
@@ -76,37 +97,35 @@ def test_parameter_gradients_equal_torch(minilm_path, texts, torch_gradients, pa
             assert error <= 2e-5 * np.abs(expected).max(), name
 
 
-def test_bfloat16_gradients_stay_close_and_the_weight_gradients_run_in_bfloat16(minilm_path, texts):
+def test_bfloat16_gradients_stay_close_and_the_weight_gradients_run_in_bfloat16(minilm_path, texts, float32_gradient):
     """Computing in bf16 (float32 parameters) gives the float32 gradients to bf16 precision, and on
     the CPU no weight-gradient product is left contracting the token axis of its left operand: XLA
     runs that form by converting both operands to float32, ~2.5x slower (`_project_bwd`). The same
     holds with the dense products returning bf16, as on accelerators (`narrow_products`), whose
     products really do return bf16."""
-    encoder = Encoder.from_pretrained(minilm_path, max_length=LENGTH)
-    batch = AutoTokenizer.from_pretrained(minilm_path)(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="np")
-    ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
+    encoder, want_grads, want_vectors = float32_gradient
+    ids, mask = tokenized(minilm_path, texts)
     probe = jnp.asarray(_probe(len(texts)))
-
-    def gradient(model):
-        return jax.jit(jax.grad(lambda params: jnp.sum(model.embed(params, ids, mask) * probe)))
-
-    want = params_to_hf(gradient(encoder.model)(encoder.params), encoder.model.config)
-    want_vectors = np.asarray(jax.jit(encoder.model.embed)(encoder.params, ids, mask))
+    want = params_to_hf(want_grads, encoder.model.config)
     bf16_model = dataclasses.replace(encoder.model, dtype="bfloat16")
     narrow = dataclasses.replace(bf16_model, narrow_products=True)
     for model in (bf16_model, narrow):
-        got = params_to_hf(gradient(model)(encoder.params), encoder.model.config)
+        lowered = gradient_and_embeddings(lambda params: model.embed(params, ids, mask), probe).lower(encoder.params)
+        compiled = lowered.compile()
+        grads, vectors = compiled(encoder.params)
+        got = params_to_hf(grads, encoder.model.config)
         for name, expected in want.items():
             if name.endswith("attention.self.key.bias"):
                 continue  # zero up to rounding noise on both sides (see above)
             assert got[name].dtype == np.float32
             cosine = np.sum(got[name] * expected) / (np.linalg.norm(got[name]) * np.linalg.norm(expected))
             assert cosine >= 0.99, (model.narrow_products, name, cosine)
-        vectors = np.asarray(jax.jit(model.embed)(encoder.params, ids, mask))
-        assert np.sum(want_vectors * vectors, axis=1).min() >= 0.999, model.narrow_products
-    compiled = gradient(bf16_model).lower(encoder.params).compile().as_text()
-    token_contracting = [line for line in compiled.splitlines() if " dot(" in line and "lhs_contracting_dims={0}" in line]
-    assert not token_contracting, token_contracting[0]
-    hlo = gradient(narrow).lower(encoder.params).as_text()
-    dense = [line for line in hlo.splitlines() if "dot_general" in line and "x384xbf16>" in line.split("->")[-1]]
-    assert dense, "no dense-layer product returns bf16"
+        assert np.sum(want_vectors * np.asarray(vectors), axis=1).min() >= 0.999, model.narrow_products
+        if model is bf16_model:
+            token_contracting = [line for line in compiled.as_text().splitlines()
+                                 if " dot(" in line and "lhs_contracting_dims={0}" in line]
+            assert not token_contracting, token_contracting[0]
+        else:
+            dense = [line for line in lowered.as_text().splitlines()
+                     if "dot_general" in line and "x384xbf16>" in line.split("->")[-1]]
+            assert dense, "no dense-layer product returns bf16"
