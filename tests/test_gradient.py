@@ -110,7 +110,7 @@ def test_bfloat16_gradients_stay_close_and_the_weight_gradients_run_in_bfloat16(
     bf16_model = dataclasses.replace(encoder.model, dtype="bfloat16")
     narrow = dataclasses.replace(bf16_model, narrow_products=True)
     for model in (bf16_model, narrow):
-        lowered = gradient_and_embeddings(lambda params: model.embed(params, ids, mask), probe).lower(encoder.params)
+        lowered = gradient_and_embeddings(lambda params, model=model: model.embed(params, ids, mask), probe).lower(encoder.params)
         compiled = lowered.compile()
         grads, vectors = compiled(encoder.params)
         got = params_to_hf(grads, encoder.model.config)
