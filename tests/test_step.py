@@ -1,5 +1,6 @@
 """The sharded, chunked, remat-ed step computes the plain full-batch loss and gradient."""
 
+import functools
 import re
 
 import flax
@@ -197,15 +198,30 @@ def compiled_step(mesh_sizes, texts, loss_config=None, encode_chunk=1):
     return jit_train_step(config, tx, schedules, mesh, state_sharding), state, model, batch
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"data": 8}, {"data": 2, "fsdp": 4}], ids=["data8", "data2_fsdp4"])
-def test_only_embeddings_and_weights_cross_devices(mesh_sizes):
+QUERY_LENGTH, PASSAGE_LENGTH = 10, 14  # lengths no other dimension shares
+
+
+@functools.lru_cache(maxsize=None)
+def step_hlo(mesh_items: tuple) -> str:
+    """The compiled step's HLO text on a mesh of ``dict(mesh_items)``: chunks of one row and blocks
+    of one query (loops of many iterations), dropout on. Compiled once per mesh for the tests that
+    read it."""
+    texts = make_batch(0, query_len=QUERY_LENGTH, passage_len=PASSAGE_LENGTH)
+    step, state, _, batch = compiled_step(dict(mesh_items), texts, encode_chunk=1)
+    return step.lower(state, batch).compile().as_text()
+
+
+FSDP_MESH = (("data", 2), ("fsdp", 4))
+
+
+@pytest.mark.parametrize("mesh_items", [(("data", 8),), FSDP_MESH], ids=["data8", "data2_fsdp4"])
+def test_only_embeddings_and_weights_cross_devices(mesh_items):
     """The compiled 8-device step all-gathers embeddings ([Q|P|P+Q, D]) and, under FSDP, whole
     weights; never a token-level activation (anything with a sequence dimension)."""
 
-    query_len, passage_len = 10, 14  # lengths no other dimension shares
-    texts = make_batch(0, query_len=query_len, passage_len=passage_len)
-    step, state, model, batch = compiled_step(mesh_sizes, texts)
-    hlo = step.lower(state, batch).compile().as_text()
+    query_len, passage_len = QUERY_LENGTH, PASSAGE_LENGTH
+    hlo = step_hlo(mesh_items)
+    model = EmbeddingModel(TINY, pooling="mean", normalize=True)
     param_dims = {tuple(sorted(d for d in leaf.shape if d != 1))
                   for leaf in jax.tree.leaves(nn.unbox(jax.eval_shape(model.init, jax.random.key(0))))}
     rows = {QUERIES, QUERIES * GROUP, QUERIES * (GROUP + 1)}
@@ -224,7 +240,7 @@ def test_only_embeddings_and_weights_cross_devices(mesh_sizes):
             gathered_embeddings |= is_embedding
             assert is_weight or is_embedding, f"{op} moves {dtype}{list(shape)}: neither a weight nor embeddings"
     assert gathered_embeddings
-    if "fsdp" in mesh_sizes:
+    if "fsdp" in dict(mesh_items):
         assert any("all-gather" == op for _, op in moved)
 
 
@@ -258,9 +274,7 @@ def test_no_collective_runs_inside_the_chunk_or_block_loops():
     gathered, and the weight and embedding gradients summed over devices, once a step, never once
     an iteration (a per-chunk all-reduce of the whole weight gradient is what made a 2-process CPU
     step twice as slow as one process, and costs a cluster the model's size each chunk)."""
-    texts = make_batch(2)
-    step, state, _, batch = compiled_step({"data": 2, "fsdp": 4}, texts, encode_chunk=1)
-    hlo = step.lower(state, batch).compile().as_text()
+    hlo = step_hlo(FSDP_MESH)
     assert "while" in hlo and re.search(r"all-(gather|reduce)", hlo)
     assert loop_collectives(hlo) == []
 
@@ -284,8 +298,7 @@ def test_dropout_masks_are_hashed_where_they_are_applied():
     it. Left to itself, XLA builds the index arrays once outside the chunk loop (a u32
     [rows, heads, L, L] array per layer, 300 MB at bench.train_step's shape) and every dropout reads
     them back from memory; the step was ~2% slower for it."""
-    step, state, _, batch = compiled_step({"data": 2, "fsdp": 4}, make_batch(2), encode_chunk=2)
-    hlo = step.lower(state, batch).compile().as_text()
+    hlo = step_hlo(FSDP_MESH)
     assert "while" in hlo and re.search(r"u32\[\d+(,\d+){2,}\]", hlo)  # the chunk loop; dropout is on
     assert materialized_u32_arrays(hlo) == []
 
