@@ -1,9 +1,11 @@
-"""The training cache is a TFDS dataset: tfds reads what pegjax wrote, record for record, and
-training from ``config.data.tfds_dir`` ends on the same weights as training from the JSONL."""
+"""The training cache is a TFDS dataset: tfds reads what pegjax wrote, record for record, as
+pegjax's own reader does, and training from ``config.data.tfds_dir`` ends on the same weights as
+training from the JSONL."""
 
 import glob
 import os
 
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -26,6 +28,9 @@ def test_tfds_reads_every_record_pegjax_wrote(shared_data, tmp_path):
     source = tfds.data_source(name, data_dir=str(tmp_path), split="train")
     got = [tfds_format.from_example(source[i]) for i in range(len(source))]
     assert got == want
+    # pegjax's own reader of the records (it parses the protocol buffer itself) agrees with tfds'.
+    shards = grain.sources.ArrayRecordDataSource(files)
+    assert [tfds_format.Codec().decode(shards[i]) for i in range(len(shards))] == want
     assert any(record["pos_scores"] for record in got) and any(record["prompt"] for record in got)
     info = tfds.builder_from_directory(folder).info
     assert info.splits["train"].num_examples == len(want) and info.name == name

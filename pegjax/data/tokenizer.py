@@ -192,12 +192,13 @@ def _transformers_tokenizer(source: str, lowercase: bool):
 def tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
     """Token ids per text ([CLS] ... [SEP]), truncated to ``max_length`` tokens; no padding.
     Truncation keeps the leading tokens and the closing [SEP]."""
-    out = []
-    for ids in tokenizer.encode(texts):
-        if len(ids) > max_length:
-            ids = ids[: max_length - 1] + ids[-1:]
-        out.append(np.asarray(ids, dtype=np.int32))
-    return out
+    return [np.asarray(truncate(ids, max_length), dtype=np.int32) for ids in tokenizer.encode(texts)]
+
+
+def truncate(ids, max_length: int):
+    """A text's token ids (a list) cut to ``max_length``: the leading tokens and the closing one
+    ([SEP])."""
+    return ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:]
 
 
 def bucket_length(length: int, max_length: int, smallest: int = 16) -> int:

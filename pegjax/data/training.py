@@ -228,10 +228,16 @@ class ExampleMaker:
         self.teacher = teacher  # teacher scores are required (the distillation term is on)
         self.codec = tfds_format.Codec()
 
-    def _ids(self, texts, length):
-        from pegjax.data.tokenizer import pad_batch, tokenize
+    def _ids(self, query: str, passages: list[str]):
+        """(query ids [1, Lq], mask, passage ids [G, Lp], mask) from one tokenizer call: each call
+        costs ~100 us besides its texts, a third of the paper recipe's tokenizing."""
+        from pegjax.data.tokenizer import pad_batch, truncate
 
-        return pad_batch(tokenize(self.tokenizer, texts, length), length, len(texts), self.tokenizer.pad_token_id or 0)
+        lengths = self.query_length, self.passage_length
+        ids = self.tokenizer.encode([query, *passages])
+        pad = self.tokenizer.pad_token_id or 0
+        return (*pad_batch([truncate(ids[0], lengths[0])], lengths[0], 1, pad),
+                *pad_batch([truncate(i, lengths[1]) for i in ids[1:]], lengths[1], len(passages), pad))
 
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict:
         record = self.codec.decode(raw)
@@ -276,8 +282,7 @@ class ExampleMaker:
         passages = [positive] + chosen
         prompt = record["prompt"] if record["prompt"] is not None else self.query_prompt
         query = prompt + record["query"]
-        query_ids, query_mask = self._ids([query], self.query_length)
-        passage_ids, passage_mask = self._ids([self.passage_prompt + p for p in passages], self.passage_length)
+        query_ids, query_mask, passage_ids, passage_mask = self._ids(query, [self.passage_prompt + p for p in passages])
         extra = [text_hash(p) for p in positives if p != positive][: self.extra]
         return {
             "query_ids": query_ids[0],
