@@ -71,7 +71,7 @@ def pipeline_rate(cache_files: list[str], batches: int, queries: int) -> tuple[f
     config.train.queries_per_step = queries
     tokenizer = load_tokenizer(str(SHARED_DATA / "vocab" / "bert-base-chinese-vocab.txt"))
     iterator = iter(training.pipeline(cache_files, tokenizer, config, seed=0))
-    geometries = training.row_geometries(cache_files, tokenizer, config, queries)
+    geometries = training.row_geometries([cache_files], tokenizer, config, queries, training.sources_of(config, []))
     for _ in range(batches):  # past what the reader threads fetched ahead
         next(iterator)
     start = time.perf_counter()
@@ -111,14 +111,15 @@ def main():
         print(f"first build SIGKILLed after {seconds:.0f} s with {done_before} of {parts} parts done (finished: {finished})")
     seconds, finished = build(path, cache)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
-    folder = next(d for d in os.listdir(cache) if not d.endswith(".building"))
-    stats = json.load(open(os.path.join(cache, folder, "stats.json")))
-    assert finished and stats["records"] == args.lines, stats
+    assert finished
+    from pegjax.data import training
+
+    files, stats = training.build_cache([path], cache, "error")  # the finished cache, found, not rebuilt
+    assert stats["records"] == args.lines, stats
     built = args.lines - 1_000_000 * done_before
     print(f"cache build{f' (resumed: {done_before} parts reused)' if done_before else ''}: {stats['records']:,} records; "
           f"{built:,} lines checked and written in {seconds:.0f} s = {built / seconds:,.0f} lines/s; peak RSS of a "
           f"building process {peak:.2f} GiB")
-    files = [os.path.join(cache, folder, name) for name in stats["parts"]]
     read_rate, pack_rate = pipeline_rate(files, args.batches, args.queries)
     need = 13334 / args.step_seconds
     print(f"host input pipeline, one process: {read_rate:,.0f} examples/s read + tokenized (1 query + 6 passages "
