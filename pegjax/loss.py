@@ -190,8 +190,8 @@ def contrastive_loss(
         if config.query_negatives:
             negative &= columns != (num_passages + index)[..., None]
         positive_score = jnp.take_along_axis(scores, column[..., None], axis=-1)[..., 0]
+        fixed = lax.stop_gradient(scores)
         if config.margin is not None:
-            fixed = lax.stop_gradient(scores)
             negative &= fixed * tau <= lax.stop_gradient(positive_score)[..., None] * tau + config.margin
         # Computed once and kept: otherwise XLA recomputes the comparisons and hash lookups inside
         # every pass below that reads the mask.
@@ -200,7 +200,6 @@ def contrastive_loss(
         has = count > 0
         # Every term below is relative to the hardest negative's score m (a stop-gradient value):
         # with d = s - m <= 0 over the negatives, no exponential overflows and the largest is 1.
-        fixed = lax.stop_gradient(scores)
         hardest = jnp.where(has, jnp.where(negative, fixed, -jnp.inf).max(-1), 0.0)
         below = jnp.where(negative, fixed - hardest[..., None], 0.0)  # d, 0 off the negatives
         # Progressive weights w_ij = N_i * softmax_j(beta * s_ij) = N_i * e_ij / Z_i, e_ij = exp(beta * d_ij).
@@ -208,7 +207,7 @@ def contrastive_loss(
         beta_norm = beta_terms.sum(-1)
         # sum_j w_ij exp(s_ij) = N_i exp(m_i) / Z_i * sum_j exp(d_ij + beta * d_ij), the weights
         # held fixed: the gradient flows through the scores' own d_ij only.
-        exponent = jnp.where(negative, scores - lax.stop_gradient(scores) + below * (1 + beta), 0.0)
+        exponent = jnp.where(negative, scores - fixed + below * (1 + beta), 0.0)
         terms = jnp.where(negative, jnp.exp(exponent), 0.0)
         terms_sum = terms.sum(-1)
         tiny = jnp.finfo(jnp.float32).tiny
