@@ -1,8 +1,10 @@
-"""The fused-attention path (cuDNN on a GPU) gets its padding right.
+"""The model's attention against plain references.
 
-cuDNN cannot run here, so `fused_attention` is run through JAX's reference implementation with
-the very arguments it hands cuDNN (key lengths for one text a row, the block-diagonal bias for
-packed rows) and compared with the model's own XLA attention.
+The fused path (cuDNN on a GPU) gets its padding right: cuDNN cannot run here, so
+`fused_attention` is run through JAX's reference implementation with the very arguments it hands
+cuDNN (key lengths for one text a row, the block-diagonal bias for packed rows) and compared with
+the model's own XLA attention. The XLA path's hand-written backward (products, and the dropout mask
+read off the forward's output) gives autodiff's gradient of the textbook formula.
 """
 
 import jax
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pegjax.models.bert import attention_bias, dot_attention, fused_attention
+from pegjax.models.bert import attention_bias, dot_attention, dropout, fused_attention
 
 
 def _qkv(rows, length, heads=4, size=16):
@@ -62,3 +64,39 @@ def test_the_configs_attention_settings_reach_the_model(shared_data):
     config.model.attention = "cudnn"
     with pytest.raises(ConfigError, match=r"config.model.attention=cudnn needs a CUDA GPU \(this job runs on cpu\)"):
         embedding_model(config, bert)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_with_dropout_has_autodiffs_gradient(packed):
+    """softmax(q k^T / sqrt(d) + bias), dropped out, times v, differentiated by autodiff through
+    the same `dropout` (same mask), against `dot_attention`'s forward and backward. Padding keys
+    make exponentials underflow to zero, the case where the backward's mask (nonzero outputs)
+    differs from the forward's."""
+    length, rate, seed = 24, 0.3, jnp.uint32(7)
+    segments = np.zeros((3, length), np.int32)
+    segments[0, :7], segments[0, 7:15], segments[0, 15:20] = 1, 2, 3
+    segments[1, :] = 1
+    segments[2, :11] = 1 if not packed else 2
+    bias = attention_bias(jnp.asarray(segments), packed)
+    probe = jax.random.normal(jax.random.key(1), (3, length, 4, 16), jnp.float32)
+
+    def reference(query, key, value):
+        scores = jnp.einsum("blhk,bmhk->bhlm", query, key) / 4.0 + bias
+        weights = dropout(jax.nn.softmax(scores, axis=-1), rate, seed, site=0)
+        return jnp.einsum("bhlm,bmhk->blhk", weights, value)
+
+    def ours(query, key, value):
+        return dot_attention(query, key, value, bias, dropout_rate=rate, seed=seed, site=0, implementation="xla")
+
+    inputs = _qkv(3, length)
+    objective = lambda f: lambda *qkv: jnp.sum(f(*qkv) * probe)  # noqa: E731
+    want, got = reference(*inputs), ours(*inputs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    assert float(jnp.mean(jnp.all(got == 0, axis=-1))) < 0.5  # the mask drops some weights, not all
+    want_grads = jax.grad(objective(reference), argnums=(0, 1, 2))(*inputs)
+    got_grads = jax.grad(objective(ours), argnums=(0, 1, 2))(*inputs)
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-5 * float(jnp.abs(w).max()), err_msg=name)
+    no_dropout = jax.grad(objective(lambda *qkv: dot_attention(*qkv, bias, dropout_rate=0.0, seed=None, site=0,
+                                                               implementation="xla")), argnums=0)(*inputs)
+    assert not np.allclose(np.asarray(no_dropout), np.asarray(got_grads[0]), atol=1e-3)  # dropout shows
