@@ -58,8 +58,12 @@ def chunked_rows(needed: int, max_chunk: int) -> tuple[int, int]:
 
 def assign(lengths: np.ndarray, rows: int, length: int, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """First-fit decreasing: lengths [N] int -> (row [N], offset [N], segment [N]) int32, segment
-    1-based. Raises DoesNotFit when ``rows`` rows are not enough."""
-    lengths = np.asarray(lengths)
+    1-based. Raises DoesNotFit when ``rows`` rows are not enough.
+
+    Texts of equal length are placed a run at a time: first-fit puts each in the first row with
+    room, and a row that has no room for one has none for the next, so the run fills the rows in
+    order, each to what it holds -- one vectorised step per distinct length, not one per text."""
+    lengths = np.asarray(lengths, np.int64)
     if len(lengths) and lengths.max() > length:
         raise ValueError(f"a text of {lengths.max()} tokens does not fit a row of {length}")
     free = np.full(rows, length, np.int64)
@@ -67,14 +71,20 @@ def assign(lengths: np.ndarray, rows: int, length: int, slots: int) -> tuple[np.
     row = np.empty(len(lengths), np.int32)
     offset = np.empty(len(lengths), np.int32)
     segment = np.empty(len(lengths), np.int32)
-    for i in np.argsort(-lengths, kind="stable"):
-        fits = (free >= lengths[i]) & (used < slots)
-        r = int(np.argmax(fits))
-        if not fits[r]:
+    order = np.argsort(-lengths, kind="stable")
+    runs = np.flatnonzero(np.diff(lengths[order], prepend=-1, append=-1))
+    for start, end in zip(runs[:-1], runs[1:]):
+        texts, size = order[start:end], int(lengths[order[start]])
+        room = slots - used if size == 0 else np.minimum(free // size, slots - used)
+        before = np.cumsum(room) - room  # texts the rows before each one hold
+        take = np.clip(len(texts) - before, 0, room)
+        if take.sum() < len(texts):
             raise DoesNotFit(f"{len(lengths)} texts need more than {rows} rows of {length} tokens")
-        row[i], offset[i], segment[i] = r, length - free[r], used[r] + 1
-        free[r] -= lengths[i]
-        used[r] += 1
+        into = np.repeat(np.arange(rows), take)
+        nth = np.arange(len(texts)) - np.repeat(np.cumsum(take) - take, take)  # place within its row
+        row[texts], offset[texts], segment[texts] = into, length - free[into] + nth * size, used[into] + nth + 1
+        free -= take * size
+        used += take
     return row, offset, segment
 
 
