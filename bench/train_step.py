@@ -11,8 +11,9 @@ texts; pegjax's ``encode_chunk`` rows of packed texts), dropout 0.1 on both, Ada
 with scale 1/tau = 20 and every passage of the batch a candidate.
 
 sentence-transformers pads each column of the batch to its longest text, as its data collator
-does; pegjax packs texts into fixed rows (`pegjax.data.packing`, rows chosen from a sample of the
-data as a training run chooses them) and uses one CPU device per core, as ``pegjax.main`` does.
+does; pegjax packs texts into fixed rows (`pegjax.data.packing`, rows and their length chosen
+from a sample of the data as a training run chooses them; a chunk of rows longer than the texts
+holds fewer rows, never more tokens than the mini-batch) and uses one CPU device per core, as ``pegjax.main`` does.
 Both are timed warm (compilation / first call not counted), taking turns for ``--steps`` rounds
 (`bench.common.interleaved`: a cloud CPU's speed drifts within minutes). Prints the CPU model,
 the median s/step and queries/s of each, the ratio round by round, and the float32 roofline: each
@@ -116,14 +117,17 @@ def pegjax_step(queries, groups, sample, args, dtype):
         texts[f"{kind}_ids"], texts[f"{kind}_mask"] = pad_batch(ids, length, len(items))
         lengths = [len(ids) for ids in tokenize(tokenizer, sampled, length)]
         # The mini-batch is per device here: the devices together encode args.mini_batch rows.
-        geometries[kind] = packing.estimate_geometry(lengths, len(items) // shards, length, args.mini_batch // shards)
+        geometries[kind] = packing.estimate_geometry(
+            [lengths], len(items) // shards, length, args.mini_batch // shards, longest_row=config.max_length,
+            attention=packing.attention_length(config.hidden_size, config.intermediate_size))
     batch = packing.step_batch(texts, shards, geometries["query"], geometries["passage"])
     batch = {k: jax.device_put(batch[k], s) for k, s in batch_shardings(mesh).items()}
     tx = make_optimizer(optax.constant_schedule(2e-5), clip_norm=None)
     state, state_sharding = create_state(model, tx, mesh, seed=0, params=params)
     step_config = StepConfig(model=model, loss=LossConfig(group_size=len(groups[0]), temperature=0.05, query_block=len(queries) // shards),
                              encode_chunk=args.mini_batch // shards, dropout=os.environ.get("DROP", "1") == "1",
-                             query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots)
+                             query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots,
+                             query_chunk=geometries["query"].max_chunk, passage_chunk=geometries["passage"].max_chunk)
     zero = optax.constant_schedule(0.0)
     step = jit_train_step(step_config, tx, {"beta": zero, "gamma": zero, "learning_rate": optax.constant_schedule(2e-5)},
                           mesh, state_sharding)
@@ -200,7 +204,7 @@ def main():
             ours, theirs = medians[dtype] = statistics.median(times["pegjax"]), statistics.median(times["CachedMNRL"])
             real = ours_run.holder["metrics"]["real_tokens"]
             fraction = ours_run.holder["metrics"]["real_token_fraction"]
-            rows = ", ".join(f"{k} {g.rows * ours_run.shards} rows x {g.length} ({g.slots} slots)" for k, g in ours_run.geometries.items())
+            rows = ", ".join(f"{k} {g.rows * ours_run.shards} rows x {g.length} ({g.slots} slots, {g.chunk * ours_run.shards} a chunk)" for k, g in ours_run.geometries.items())
             print(f"\n{name}, {dtype}: {real:.0f} real tokens; pegjax packs them into {rows}: {fraction:.0%} real; "
                   f"sentence-transformers pads to {theirs_run.positions} positions: {real / theirs_run.positions:.0%} real")
             print(f"  pegjax step                       {ours:7.2f} s  {len(queries) / ours:7.2f} queries/s  (median of {args.steps})")

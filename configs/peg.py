@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.homogeneous_batches = False  # True: every global batch from one source, drawn by weight
     c.data.workers = 0  # tokenizer worker processes (0: in the training process)
     c.data.packing = True  # pack several texts into each row (False: one text a row, padded)
+    c.data.wide_rows = True  # packed rows up to 2x the longest text where that costs less compute
 
     c.train = ml_collections.ConfigDict()
     c.train.queries_per_step = 13334

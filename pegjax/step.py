@@ -68,6 +68,8 @@ class StepConfig:
     dropout: bool = True
     query_slots: int = 1  # at most this many texts in a packed row (1: one text a row)
     passage_slots: int = 1
+    query_chunk: int = 0  # rows per shard encoded at once for this kind (0: encode_chunk); rows
+    passage_chunk: int = 0  # longer than the texts come fewer a chunk (`pegjax.data.packing`)
     frozen: tuple[str, ...] = ()  # parameter path prefixes ("embeddings/word_embeddings") never trained
 
 
@@ -217,11 +219,11 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
         query_rng, passage_rng = jax.random.split(rng)
     queries = encode_in_chunks(
         config.model, params, batch["query_tokens"], batch["query_segments"], batch["query_slots"],
-        config.query_slots, config.encode_chunk, mesh, query_rng,
+        config.query_slots, config.query_chunk or config.encode_chunk, mesh, query_rng,
     )
     passages = encode_in_chunks(
         config.model, params, batch["passage_tokens"], batch["passage_segments"], batch["passage_slots"],
-        config.passage_slots, config.encode_chunk, mesh, passage_rng,
+        config.passage_slots, config.passage_chunk or config.encode_chunk, mesh, passage_rng,
     )
     gather = split = None
     if mesh is not None:

@@ -182,11 +182,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start = int(start or 0)
 
     shards = sharding.batch_shards(mesh)
-    geometries = training.row_geometries(record_files, tokenizer, config, planned.queries_per_shard, sources)
+    geometries = training.row_geometries(record_files, tokenizer, config, planned.queries_per_shard, sources,
+                                         model=model.config)
     for kind, rows in geometries.items():
         logging.info("%s rows per batch shard: %s", kind, rows)
     step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,
-                             frozen=frozen_of(config), query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots)
+                             frozen=frozen_of(config), query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots,
+                             query_chunk=geometries["query"].max_chunk, passage_chunk=geometries["passage"].max_chunk)
     step_fn = jit_train_step(step_config, tx, knobs, mesh, state_sharding)
     shardings = batch_shardings(mesh)
     log = MetricLog(workdir, enabled=lead)

@@ -94,13 +94,20 @@ def make_batch(seed, num_queries=QUERIES, group=GROUP, query_len=8, passage_len=
     }
 
 
-def as_step_batch(texts, shards, packed=True, max_chunk=1):
+def as_step_batch(texts, shards, packed=True, max_chunk=1, wide=False):
     """One text a row -> (the step's batch, StepConfig fields for its slots): packed into the fewest
-    rows that hold it, or one text a row."""
-    queries = packing.fitted_geometry(texts["query_mask"], shards, max_chunk, max_slots=16 if packed else 1)
-    passages = packing.fitted_geometry(texts["passage_mask"], shards, max_chunk, max_slots=16 if packed else 1)
+    rows that hold it, or one text a row. ``wide``: rows 1.5x the longest text, the passages'
+    chunks half as many rows (each kind its own chunk, as `packing.estimate_geometry` makes them)."""
+    slots = 16 if packed else 1
+    queries, passages = (packing.fitted_geometry(texts[key], shards, max_chunk, slots,
+                                                 length=texts[key].shape[1] * 3 // 2 if wide else None)
+                         for key in ("query_mask", "passage_mask"))
+    if wide:
+        passages = packing.fitted_geometry(texts["passage_mask"], shards, max(max_chunk // 2, 1), slots,
+                                           length=passages.length)
     batch = packing.step_batch(texts, shards, queries, passages)
-    return batch, dict(encode_chunk=max_chunk, query_slots=queries.slots, passage_slots=passages.slots)
+    return batch, dict(encode_chunk=max_chunk, query_slots=queries.slots, passage_slots=passages.slots,
+                       query_chunk=queries.max_chunk, passage_chunk=passages.max_chunk)
 
 
 @pytest.fixture(scope="module")
@@ -139,20 +146,21 @@ def gradient_error(got, want):
 
 MESHES = {"data8": {"data": 8}, "data2_fsdp4": {"data": 2, "fsdp": 4},
           "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
-LAYOUTS = {"packed": (False, True), "packed_plus_queries": (True, True), "one_per_row": (False, False)}
-# Packing (the default) on every mesh; the other two layouts each on a mesh of their own: every
-# mesh and every layout is covered in 5 compiles instead of 9.
-CASES = [("packed", "data8"), ("packed", "data2_fsdp4"), ("packed", "data2_fsdp2_tensor2"),
+LAYOUTS = {"packed": (False, True, False), "packed_plus_queries": (True, True, False), "one_per_row": (False, False, False),
+           "wide_rows": (False, True, True)}
+# Packing (the default) on every mesh (rows longer than the texts on one); the other two layouts each
+# on a mesh of their own: every mesh and every layout is covered in 5 compiles instead of 12.
+CASES = [("packed", "data8"), ("wide_rows", "data2_fsdp4"), ("packed", "data2_fsdp2_tensor2"),
          ("packed_plus_queries", "data2_fsdp2_tensor2"), ("one_per_row", "data2_fsdp4")]
 
 
-@pytest.mark.parametrize("mesh_sizes, query_negatives, packed",
+@pytest.mark.parametrize("mesh_sizes, query_negatives, packed, wide",
                          [(MESHES[mesh], *LAYOUTS[layout]) for layout, mesh in CASES],
                          ids=[f"{layout}-{mesh}" for layout, mesh in CASES])
-def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes, query_negatives, packed):
-    """Texts packed several to a row (block-diagonal attention, positions and pooling per text) or
-    one to a row, encoded in remat-ed chunks on a mesh: the loss and gradient of one text a row,
-    the whole batch at once."""
+def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes, query_negatives, packed, wide):
+    """Texts packed several to a row (block-diagonal attention, positions and pooling per text;
+    rows as long as the texts or longer) or one to a row, encoded in remat-ed chunks on a mesh: the
+    loss and gradient of one text a row, the whole batch at once."""
     assert len(jax.devices()) == 8
     model, params = model_and_params
     texts = make_batch(0)
@@ -160,10 +168,15 @@ def test_sharded_chunked_gradient_equals_full_batch(model_and_params, mesh_sizes
     want_loss, want_grad = reference_grad(model, params, texts, loss_config)
 
     mesh = sharding.make_mesh(mesh_sizes)
-    batch, slots = as_step_batch(texts, sharding.batch_shards(mesh), packed, max_chunk=2)
+    batch, slots = as_step_batch(texts, sharding.batch_shards(mesh), packed, max_chunk=2, wide=wide)
     if packed:
         assert batch["query_segments"].max() > 1 and batch["passage_segments"].max() > 1  # rows hold several texts
     config = StepConfig(model=model, loss=loss_config, dropout=False, **slots)
+    if wide:  # the passages are encoded a row per shard at a time, as their geometry asks
+        assert batch["passage_tokens"].shape[1] == 18 and slots["passage_chunk"] == 1
+        jaxpr = jax.make_jaxpr(lambda p, b: loss_and_metrics(p, b, BETA, GAMMA, None, config, mesh))(params, batch)
+        rows = batch["passage_tokens"].shape[0] // sharding.batch_shards(mesh)
+        assert rows in [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
     param_sharding = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), mesh)
     grad_fn = jax.jit(
         jax.value_and_grad(lambda p, b: loss_and_metrics(p, b, BETA, GAMMA, None, config, mesh), has_aux=True),

@@ -7,8 +7,9 @@ its pooled vector in the shard's ``[rows * slots]`` output: ``row * slots + (seg
 encoder attends within segments, restarts positions per segment and pools per segment
 (`pegjax.models.bert`), so a packed row gives the same embeddings as one text a row.
 
-The row count per shard is fixed for a run (a `RowGeometry`, chosen before training from a sample
-of the data). A batch whose texts do not fit is packed with one row per text instead (`RowGeometry.one_per_row`);
+The row count and row length per shard are fixed for a run (a `RowGeometry`, chosen before
+training from a sample of the data; a row may be longer than the longest text where that costs
+less, `estimate_geometry`). A batch whose texts do not fit is packed with one row per text instead (`RowGeometry.one_per_row`);
 that shape compiles once more and is counted, never truncated or dropped.
 """
 
@@ -124,16 +125,62 @@ def rows_needed(lengths: np.ndarray, length: int, slots: int) -> int:
     return int(assign(lengths, len(lengths), length, slots)[0].max()) + 1 if len(lengths) else 0
 
 
-def estimate_geometry(sample_lengths: np.ndarray, texts: int, length: int, max_chunk: int, *, seed: int = 0,
-                      trials: int = 16, max_slots: int = 16) -> RowGeometry:
-    """Rows per shard for ``texts`` texts a shard whose lengths follow ``sample_lengths`` (token
-    counts of real texts, already truncated to ``length``).
+def attention_length(hidden: int, intermediate: int) -> int:
+    """The row length at which a row's attention costs what its dense layers cost, per token.
 
-    Packs ``trials`` shards drawn from the sample and keeps their largest row count, plus 3% and
-    two rows for what the sample did not show, rounded up to equal chunks. ``slots`` is what the
-    shortest texts could need, at most ``max_slots``.
+    A layer's dense products take 2 * (4 * hidden + 2 * intermediate) * hidden FLOPs a token, its
+    attention's two products 4 * row length * hidden; those run at about half the dense products'
+    rate on CPU (bench/RESULTS.md), so they count double."""
+    return (2 * hidden + intermediate) // 2
+
+
+def row_cost(rows: int, length: int, attention: int | None) -> float:
+    """Relative compute of encoding ``rows`` rows of ``length`` tokens: the dense layers follow the
+    positions, the attention the positions times the row length (``attention``:
+    `attention_length`; None counts positions only)."""
+    return rows * length * (1 + length / attention) if attention else float(rows * length)
+
+
+def row_lengths(length: int, attention: int | None = None, longest_row: int | None = None) -> list[int]:
+    """The row lengths worth pricing for texts of at most ``length`` tokens: ``length`` itself,
+    then (given ``attention``) longer by quarters of it up to twice it, at most ``longest_row``."""
+    if not attention:
+        return [length]
+    return list(range(length, min(2 * length, longest_row or 2 * length) + 1, max(length // 4, 8)))
+
+
+def estimate_geometry(samples: list[np.ndarray], texts: int, length: int, max_chunk: int, *, seed: int = 0,
+                      trials: int = 16, max_slots: int = 16, attention: int | None = None,
+                      longest_row: int | None = None) -> RowGeometry:
+    """Rows per shard for ``texts`` texts a shard whose lengths follow any one of ``samples``
+    (token counts of real texts, one array per data source, already truncated to ``length``).
+
+    For each source, packs ``trials`` shards drawn from its sample and keeps their largest row
+    count, plus 3% and two rows for what the sample did not show, rounded up to equal chunks; the
+    rows are the most any source needs (a batch is drawn from one source at a time, or mixes them
+    and needs no more than its longest), the slots the most its shortest texts could need, at most
+    ``max_slots``.
+
+    With ``attention`` (`attention_length` of the model) the rows may also be longer than the
+    longest text (`row_lengths`; ``longest_row`` is the model's position count): texts that fill
+    two thirds of a row waste a third of it at one a row, and two of them fit a row of 1.25x. The
+    row length of least `row_cost` wins. A chunk of rows r times longer holds ``max_chunk / r**2``
+    of them, so neither its tokens nor its attention scores outgrow ``max_chunk`` rows of
+    ``length``: activation memory never grows.
     """
-    sample_lengths = np.minimum(np.asarray(sample_lengths, np.int64), length)
+    samples = [np.minimum(np.asarray(sample, np.int64), length) for sample in samples]
+    best = None
+    for width in row_lengths(length, attention, longest_row):
+        chunk = max(1, max_chunk * length * length // (width * width))
+        per_source = [_estimate_rows(sample, texts, width, chunk, seed, trials, max_slots) for sample in samples]
+        geometry = RowGeometry(texts, max(g.rows for g in per_source), width, max(g.slots for g in per_source), chunk)
+        cost = row_cost(geometry.rows, width, attention)
+        if best is None or cost < best[0]:
+            best = (cost, geometry)
+    return best[1]
+
+
+def _estimate_rows(sample_lengths, texts, length, max_chunk, seed, trials, max_slots) -> RowGeometry:
     slots = int(min(max_slots, max(1, length // max(int(np.percentile(sample_lengths, 5)), 1))))
     if slots == 1:
         return RowGeometry(texts, chunked_rows(texts, max_chunk)[0], length, 1, max_chunk)
@@ -143,12 +190,13 @@ def estimate_geometry(sample_lengths: np.ndarray, texts: int, length: int, max_c
     return RowGeometry(texts, chunked_rows(rows, max_chunk)[0], length, slots, max_chunk)
 
 
-def fitted_geometry(mask: np.ndarray, shards: int, max_chunk: int, max_slots: int = 16) -> RowGeometry:
+def fitted_geometry(mask: np.ndarray, shards: int, max_chunk: int, max_slots: int = 16,
+                    length: int | None = None) -> RowGeometry:
     """The geometry that holds exactly these texts (mask [N, L], ``shards`` equal groups): the most
-    rows any shard needs. ``max_slots=1`` gives one text a row."""
+    rows any shard needs, rows of ``length`` tokens (default L). ``max_slots=1`` gives one text a row."""
     lengths = mask.sum(axis=1)
     per = len(lengths) // shards
-    length = mask.shape[1]
+    length = length or mask.shape[1]
     slots = max(1, min(max_slots, length // max(int(lengths[lengths > 0].min()), 1)))
     rows = max(rows_needed(lengths[s * per:(s + 1) * per], length, slots) for s in range(shards))
     return RowGeometry(per, chunked_rows(rows, max_chunk)[0], length, slots, max_chunk)

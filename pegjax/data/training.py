@@ -32,7 +32,7 @@ import numpy as np
 
 from pegjax.data.jsonl import DataError, decode_object, lines
 from pegjax.data import tfds_format
-from pegjax.data.packing import DoesNotFit, RowGeometry, chunked_rows, estimate_geometry, pack_shards
+from pegjax.data.packing import DoesNotFit, RowGeometry, attention_length, chunked_rows, estimate_geometry, pack_shards
 
 FORMAT_VERSION = "6"
 
@@ -497,26 +497,29 @@ def sample_lengths(record_files: list[str], tokenizer, config, count: int = 2048
 
 
 def row_geometries(record_files: list[list[str]], tokenizer, config, queries: int,
-                   sources: list[Source]) -> dict[str, RowGeometry]:
+                   sources: list[Source], model=None) -> dict[str, RowGeometry]:
     """{"query": ..., "passage": ...}: rows per batch shard for ``queries`` queries a shard of this
     data (`pegjax.data.packing`; lengths sampled from every source, so the rows hold a batch of any
-    of them), or one text a row with ``config.data.packing=False``."""
+    of them), or one text a row with ``config.data.packing=False``. Given ``model`` (its
+    `BertConfig`) and ``config.data.wide_rows``, rows may be longer than the texts where that
+    costs less."""
     texts = {"query": queries, "passage": queries * (1 + config.data.hard_negatives)}
     lengths_of = {"query": config.data.query_length, "passage": config.data.passage_length}
     chunk = config.train.encode_chunk
     if not config.data.packing:
         return {kind: RowGeometry(texts[kind], chunked_rows(texts[kind], chunk)[0], lengths_of[kind], 1, chunk)
                 for kind in texts}
-    per_source = []
+    samples = {"query": [], "passage": []}
     for files, source in zip(record_files, sources):
         lengths = sample_lengths(files, tokenizer, config, seed=config.seed, query_prompt=source.query_prompt,
                                  passage_prompt=source.passage_prompt)
-        per_source.append({kind: estimate_geometry(sample, texts[kind], lengths_of[kind], chunk, seed=config.seed)
-                           for kind, sample in zip(("query", "passage"), lengths)})
-    # Rows enough for a batch of any one source (a homogeneous batch), and slots for the shortest
-    # texts of any; a mixed batch needs no more than its longest source.
-    return {kind: RowGeometry(texts[kind], max(g[kind].rows for g in per_source), lengths_of[kind],
-                              max(g[kind].slots for g in per_source), chunk) for kind in texts}
+        for kind, sample in zip(("query", "passage"), lengths):
+            samples[kind].append(sample)
+    wide = model is not None and config.data.wide_rows
+    attention = attention_length(model.hidden_size, model.intermediate_size) if wide else None
+    return {kind: estimate_geometry(samples[kind], texts[kind], lengths_of[kind], chunk, seed=config.seed,
+                                    attention=attention, longest_row=model.max_length if wide else None)
+            for kind in texts}
 
 
 def pack_for_step(texts: dict, shards: int, geometries: dict[str, RowGeometry], pad_id: int,
