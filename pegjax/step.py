@@ -68,8 +68,10 @@ class StepConfig:
     dropout: bool = True
     query_slots: int = 1  # at most this many texts in a packed row (1: one text a row)
     passage_slots: int = 1
-    query_chunk: int = 0  # rows per shard encoded at once for this kind (0: encode_chunk); rows
-    passage_chunk: int = 0  # longer than the texts come fewer a chunk (`pegjax.data.packing`)
+    # Rows per shard encoded at once for each kind (0: encode_chunk): rows longer than the texts
+    # come fewer to a chunk (`pegjax.data.packing.estimate_geometry`).
+    query_chunk: int = 0
+    passage_chunk: int = 0
     frozen: tuple[str, ...] = ()  # parameter path prefixes ("embeddings/word_embeddings") never trained
 
 
