@@ -10,7 +10,9 @@ DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-4}
 PORT=${PORT:-$((20000 + RANDOM % 20000))}
 PYTHON=${PYTHON:-python}
 MODULE=${MODULE:-pegjax.main}
-export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}"
+# Each process's own device count replaces any in XLA_FLAGS; the caller's other XLA flags stay.
+other_flags=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
+export XLA_FLAGS="${other_flags} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}"
 export PEGJAX_CPU_COLLECTIVES=gloo
 pids=()
 for ((i = 0; i < NUM_PROCESSES; i++)); do

@@ -17,6 +17,8 @@ from pegjax import export
 from pegjax.encode import Encoder
 from pegjax.models import hf
 
+from conftest import xla_flags
+
 
 def transformers_embeddings(folder, texts, pooling, max_length=128):
     model = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
@@ -173,7 +175,7 @@ def test_training_from_multilingual_e5_small_exports_a_folder_sentence_transform
          "--config.optimizer.learning_rate.warmup_steps=0", "--config.optimizer.learning_rate.peak=1e-4",
          "--config.model.frozen=embeddings/word_embeddings"],
         cwd=repo, capture_output=True, text=True, timeout=900,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+        env=dict(os.environ, XLA_FLAGS=xla_flags(1)))
     assert done.returncode == 0, done.stderr[-3000:]
     export_dir = str(workdir / "export")
     prompts = json.loads(open(os.path.join(export_dir, "config_sentence_transformers.json")).read())["prompts"]

@@ -16,6 +16,8 @@ from safetensors.numpy import load_file
 from pegjax.data import training
 from pegjax.data.retrieval import DataError
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 
@@ -38,7 +40,7 @@ def tiny_args(shared_data, workdir, train_file, *extra):
 
 
 def run(args, **kwargs):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
@@ -93,7 +95,7 @@ def test_run_logs_tensorboard_events_and_jsonl(uninterrupted):
 
 def test_sigkill_then_same_command_resumes_to_identical_weights(shared_data, train_file, uninterrupted, tmp_path):
     args = tiny_args(shared_data, tmp_path, train_file)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = random.Random().choice([3, 6, 9])  # kill after a random checkpoint has committed
     wait_for_checkpoint(process, tmp_path, target)
@@ -112,7 +114,7 @@ def test_sigkill_then_same_command_resumes_to_identical_weights(shared_data, tra
 
 def test_sigterm_saves_a_checkpoint_where_it_stopped(shared_data, train_file, tmp_path):
     args = tiny_args(shared_data, tmp_path, train_file, "--config.train.checkpoint_steps=100")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
