@@ -8,10 +8,11 @@ import shutil
 import tempfile
 
 # The processes of the suite (this one and the runs its tests start, but for the paper recipe's
-# runs, tests/test_paper_recipe.py) compile with LLVM's optimization level 0: the tests compile hundreds of programs, most of them for tiny models, and
-# LLVM's passes cost more there than they save. The products (Eigen / oneDNN calls) are
-# unaffected, and the semantics are XLA's either way. A tiny training run, cache cold: 20.4 s ->
-# 15.6 s; the encode tests with the real MiniLM: the same time.
+# runs in tests/test_paper_recipe.py) compile with LLVM's optimization level 0: the tests compile
+# hundreds of programs, most of them for tiny models, and LLVM's passes cost more there than they
+# save. The products (Eigen / oneDNN calls) are unaffected, and the semantics are XLA's either way.
+# A tiny training run, cache cold: 20.4 s -> 15.6 s; the encode tests with the real MiniLM: the
+# same time (bench/RESULTS.md).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 

@@ -1,4 +1,5 @@
-"""The launch scripts parse, and pass shellcheck where it is installed."""
+"""The launch scripts parse, pass shellcheck where it is installed, and hand each process what it
+needs."""
 
 import glob
 import os
