@@ -3,10 +3,8 @@ source per global batch, drawn by weight; row-by-row mixing in proportion; per-s
 counts; bitwise resume after SIGKILL."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +14,7 @@ from pegjax.data import training
 from pegjax.data.tokenizer import load_tokenizer
 from pegjax.errors import ConfigError
 
-from conftest import xla_flags
-from test_train import REPO, exported, run, tiny_args, wait_for_checkpoint
+from test_train import REPO, exported, one_device_env, run, tiny_args, wait_for_checkpoint
 
 STEPS = 12
 
@@ -100,7 +97,7 @@ def mixture_args(shared_data, workdir, source_files):
 
 def test_mixture_killed_and_rerun_gives_bitwise_the_same_weights(shared_data, source_files, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
+    env = one_device_env()
     # The uninterrupted run and the one to kill side by side: each is mostly single-threaded.
     reference = subprocess.Popen(mixture_args(shared_data, straight, source_files), cwd=REPO, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -39,9 +39,13 @@ def tiny_args(shared_data, workdir, train_file, *extra):
     ]
 
 
+def one_device_env():
+    """The environment of a training run the tests start: one CPU device, output unbuffered."""
+    return dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
+
+
 def run(args, **kwargs):
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=one_device_env(), timeout=600, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +99,7 @@ def test_run_logs_tensorboard_events_and_jsonl(uninterrupted):
 
 def test_sigkill_then_same_command_resumes_to_identical_weights(shared_data, train_file, uninterrupted, tmp_path):
     args = tiny_args(shared_data, tmp_path, train_file)
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
+    env = one_device_env()
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = random.Random().choice([3, 6, 9])  # kill after a random checkpoint has committed
     wait_for_checkpoint(process, tmp_path, target)
@@ -114,7 +118,7 @@ def test_sigkill_then_same_command_resumes_to_identical_weights(shared_data, tra
 
 def test_sigterm_saves_a_checkpoint_where_it_stopped(shared_data, train_file, tmp_path):
     args = tiny_args(shared_data, tmp_path, train_file, "--config.train.checkpoint_steps=100")
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
+    env = one_device_env()
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
