@@ -1,7 +1,7 @@
 """Training throughput on real data: pegjax's global step vs sentence-transformers' CachedMNRL.
 
     python -m bench.train_step [--queries 64] [--mini-batch 32] [--steps 2] [--data scifact,medical_zh]
-                               [--dtypes float32]
+                               [--dtypes float32] [--keep-dense-outputs]
 
 Both sides train the same all-MiniLM-L6-v2 weights on the same real global batch: Q queries, each
 with its positive and 5 other passages (SciFact: claim -> cited abstract, other abstracts;
@@ -19,6 +19,10 @@ Both are timed warm (compilation / first call not counted), taking turns for ``-
 the median s/step and queries/s of each, the ratio round by round, and the float32 roofline: each
 side's GFLOP/s (4 forward passes' worth of products over the real tokens, `encoder_flops`) beside
 this CPU's float32 product rate.
+
+``--keep-dense-outputs`` times a third side in the same rounds: pegjax with
+``StepConfig(keep_dense_outputs=True)``, whose backward pass reuses the forward's dense-layer
+outputs instead of recomputing them (the same gradient, more memory: `pegjax.step`).
 
 ``--dtypes float32,bfloat16`` runs both sides once per compute dtype: pegjax with
 ``EmbeddingModel(dtype=...)`` (float32 parameters and optimizer), sentence-transformers under
@@ -38,6 +42,7 @@ from bench.common import SHARED_DATA, cpu_model, encoder_flops, interleaved, min
 from pegjax.distributed import use_cpu_cores
 
 HARD_NEGATIVES = 5
+KEPT = "pegjax, dense outputs kept"
 
 
 def scifact_groups(queries: int, seed: int = 0):
@@ -87,7 +92,7 @@ def _with_negatives(pairs, passages, queries, seed):
 DATA = {"scifact": scifact_groups, "medical_zh": medical_zh_groups}
 
 
-def pegjax_step(queries, groups, sample, args, dtype):
+def pegjax_step(queries, groups, sample, args, dtype, keep_dense_outputs=False):
     import jax
     import optax
 
@@ -127,7 +132,8 @@ def pegjax_step(queries, groups, sample, args, dtype):
     step_config = StepConfig(model=model, loss=LossConfig(group_size=len(groups[0]), temperature=0.05, query_block=len(queries) // shards),
                              encode_chunk=args.mini_batch // shards, dropout=os.environ.get("DROP", "1") == "1",
                              query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots,
-                             query_chunk=geometries["query"].max_chunk, passage_chunk=geometries["passage"].max_chunk)
+                             query_chunk=geometries["query"].max_chunk, passage_chunk=geometries["passage"].max_chunk,
+                             keep_dense_outputs=keep_dense_outputs)
     zero = optax.constant_schedule(0.0)
     step = jit_train_step(step_config, tx, {"beta": zero, "gamma": zero, "learning_rate": optax.constant_schedule(2e-5)},
                           mesh, state_sharding)
@@ -184,6 +190,8 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--data", default="scifact,medical_zh")
     parser.add_argument("--dtypes", default="float32", help="compute dtypes, each run on both sides")
+    parser.add_argument("--keep-dense-outputs", action="store_true",
+                        help="a third side: pegjax with the forward's dense outputs kept for the backward pass")
     args = parser.parse_args()
     use_cpu_cores()
     import jax
@@ -200,7 +208,10 @@ def main():
         for dtype in args.dtypes.split(","):
             ours_run = pegjax_step(queries, groups, sample, args, dtype)
             theirs_run = reference_step(queries, groups, args, dtype)
-            times = interleaved({"pegjax": ours_run, "CachedMNRL": theirs_run}, args.steps)
+            sides = {"pegjax": ours_run, "CachedMNRL": theirs_run}
+            if args.keep_dense_outputs:
+                sides[KEPT] = pegjax_step(queries, groups, sample, args, dtype, keep_dense_outputs=True)
+            times = interleaved(sides, args.steps)
             ours, theirs = medians[dtype] = statistics.median(times["pegjax"]), statistics.median(times["CachedMNRL"])
             real = ours_run.holder["metrics"]["real_tokens"]
             fraction = ours_run.holder["metrics"]["real_token_fraction"]
@@ -210,11 +221,17 @@ def main():
             print(f"  pegjax step                       {ours:7.2f} s  {len(queries) / ours:7.2f} queries/s  (median of {args.steps})")
             print(f"  sentence-transformers CachedMNRL  {theirs:7.2f} s  {len(queries) / theirs:7.2f} queries/s")
             print(f"  ratio pegjax / sentence-transformers  {ratios(times['pegjax'], times['CachedMNRL'])}")
+            if args.keep_dense_outputs:
+                kept = statistics.median(times[KEPT])
+                print(f"  {KEPT}  {kept:7.2f} s  {len(queries) / kept:7.2f} queries/s  (the same gradient; memory: "
+                      "the dense outputs of every chunk)")
+                print(f"  ratio pegjax, dense outputs kept / sentence-transformers  {ratios(times[KEPT], times['CachedMNRL'])}")
+                print(f"  ratio pegjax, dense outputs kept / pegjax  {ratios(times[KEPT], times['pegjax'])}")
             if dtype == "float32":
                 peak = peak or product_peak()
                 print("\n".join("  " + line for line in roofline(
                     ours_run.flops, {"pegjax step": ours, "sentence-transformers CachedMNRL": theirs}, peak)))
-            del ours_run, theirs_run
+            del ours_run, theirs_run, sides
         if "float32" in medians and "bfloat16" in medians:
             print(f"  {name}: pegjax bf16 / sentence-transformers float32 (its default)  "
                   f"{medians['float32'][1] / medians['bfloat16'][0]:5.2f}x")

@@ -10,7 +10,8 @@ loading, data caching or mining, and every run prints one table of:
   per shard) and the encode chunk (equal chunks of at most ``config.train.encode_chunk`` rows);
 - memory per device, an estimate: the FSDP share of parameters and AdamW state, the gathered
   passage embeddings, one query block's scores, and one chunk's activations (the encoder's
-  remat-ed forward and backward). ``bench/memory.py`` sets it beside XLA's own accounting.
+  remat-ed forward and backward), plus, with ``config.train.keep_dense_outputs``, every chunk's
+  dense-layer outputs. ``bench/memory.py`` sets it beside XLA's own accounting.
 
 The packed row counts depend on the data and are chosen later (`pegjax.data.packing`); the table
 here bounds them by one text a row.
@@ -44,6 +45,7 @@ class Geometry:
     model: BertConfig
     dtype_bytes: int  # compute dtype
     query_negatives: bool
+    keep_dense_outputs: bool = False  # config.train.keep_dense_outputs
 
     @property
     def shards(self) -> int:
@@ -110,14 +112,32 @@ class Geometry:
         return m.num_hidden_layers * chunk_rows * length * per_token
 
     @property
+    def dense_output_bytes(self) -> int:
+        """With ``keep_dense_outputs``: the dense layers' product outputs of every chunk, held from
+        the forward pass to the backward pass: (3E + M) / tensor + 2E values a token and a layer
+        (query, key, value and intermediate split over the tensor axis; the two output layers not).
+        A kind encoded in one chunk keeps all its activations anyway (`activation_bytes`) and adds
+        nothing. 0 without the option."""
+        if not self.keep_dense_outputs:
+            return 0
+        m, tensor = self.model, self.mesh["tensor"]
+        per_token = (3 * m.hidden_size + m.intermediate_size) // tensor + 2 * m.hidden_size
+        tokens = 0
+        for rows, length in ((self.queries_per_shard, self.query_length), (self.passages_per_shard, self.passage_length)):
+            chunks, chunk = self.chunk(rows)
+            tokens += chunks * chunk * length if chunks > 1 else 0
+        return m.num_hidden_layers * tokens * per_token * self.dtype_bytes
+
+    @property
     def peak_bytes(self) -> int:
-        """The state share, plus the larger of the encoding phase (gathered weights and one chunk's
-        activations) and the scoring phase (gathered embeddings and one block's scores)."""
+        """The state share and the kept dense outputs, plus the larger of the encoding phase
+        (gathered weights and one chunk's activations) and the scoring phase (gathered embeddings
+        and one block's scores)."""
         passages = self.activation_bytes(self.chunk(self.passages_per_shard)[1], self.passage_length)
         queries = self.activation_bytes(self.chunk(self.queries_per_shard)[1], self.query_length)
         encoding = self.gathered_weights_bytes + max(passages, queries)
         scoring = self.gather_bytes + self.score_bytes
-        return self.state_share_bytes + max(encoding, scoring)
+        return self.state_share_bytes + self.dense_output_bytes + max(encoding, scoring)
 
 
 def plan(config, devices: int, processes: int, model: BertConfig) -> Geometry:
@@ -149,7 +169,7 @@ def plan(config, devices: int, processes: int, model: BertConfig) -> Geometry:
         group=1 + config.data.hard_negatives, query_length=config.data.query_length,
         passage_length=config.data.passage_length, query_block=-(-rows // blocks), blocks=blocks,
         chunk_limit=config.train.encode_chunk, model=model, dtype_bytes=2 if compute_dtype(config) == "bfloat16" else 4,
-        query_negatives=config.loss.query_negatives,
+        query_negatives=config.loss.query_negatives, keep_dense_outputs=config.train.keep_dense_outputs,
     )
 
 
@@ -157,15 +177,24 @@ def check_memory(geometry: Geometry, available_bytes: int | None) -> None:
     """Fails when the estimate exceeds the device memory, naming the knob and a value that fits."""
     if not available_bytes or geometry.peak_bytes <= available_bytes:
         return
+    needed, also = geometry.peak_bytes, ""
+    if geometry.keep_dense_outputs:
+        without = dataclasses.replace(geometry, keep_dense_outputs=False)
+        if without.peak_bytes <= available_bytes:
+            raise ConfigError(
+                f"config.train.keep_dense_outputs=True: a device needs ~{needed / GIB:.1f} GiB (estimate; "
+                f"{geometry.dense_output_bytes / GIB:.1f} GiB of them the kept outputs), more than its "
+                f"{available_bytes / GIB:.1f} GiB; set it False (~{without.peak_bytes / GIB:.1f} GiB)")
+        geometry, also = without, "config.train.keep_dense_outputs=False and "
     for chunk in (c for c in (64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1) if c < geometry.chunk_limit):
         smaller = dataclasses.replace(geometry, chunk_limit=chunk)
         if smaller.peak_bytes <= available_bytes:
             raise ConfigError(
-                f"config.train.encode_chunk={geometry.chunk_limit}: a device needs ~{geometry.peak_bytes / GIB:.1f} GiB "
-                f"(estimate), more than its {available_bytes / GIB:.1f} GiB; config.train.encode_chunk={chunk} needs "
-                f"~{smaller.peak_bytes / GIB:.1f} GiB")
+                f"config.train.encode_chunk={geometry.chunk_limit}: a device needs ~{needed / GIB:.1f} GiB "
+                f"(estimate), more than its {available_bytes / GIB:.1f} GiB; {also}config.train.encode_chunk={chunk} "
+                f"needs ~{smaller.peak_bytes / GIB:.1f} GiB")
     raise ConfigError(
-        f"a device needs ~{geometry.peak_bytes / GIB:.1f} GiB (estimate) even with config.train.encode_chunk=1, more "
+        f"a device needs ~{needed / GIB:.1f} GiB (estimate) even with {also}config.train.encode_chunk=1, more "
         f"than its {available_bytes / GIB:.1f} GiB: use more devices, config.mesh.fsdp=-1, a smaller "
         f"config.loss.query_block or fewer config.train.queries_per_step")
 
@@ -193,6 +222,8 @@ def table(geometry: Geometry) -> str:
         ("scores of a block", f"{g.shards * g.query_block:,} x {g.candidates:,} float32 = "
                               f"{4 * g.shards * g.query_block * g.candidates / 2**20:,.0f} MiB"),
         ("chunk activations", f"~{g.activation_bytes(p_chunk, g.passage_length) / GIB:.2f} GiB (passages)"),
+        *([("kept dense outputs", f"~{g.dense_output_bytes / GIB:.2f} GiB (config.train.keep_dense_outputs)")]
+          if g.keep_dense_outputs else []),
         ("memory per device", f"~{g.peak_bytes / GIB:.2f} GiB (estimate)"),
     ]
     width = max(len(k) for k, _ in rows)

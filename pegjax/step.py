@@ -24,9 +24,12 @@ i's G passages are contiguous, splitting Q and P into the same number of shards 
 with its own passages, and each shard's texts are packed into that shard's rows. Rows are encoded
 ``chunk`` rows per shard at a time with ``lax.scan`` over a ``jax.checkpoint``-ed encoder that
 saves nothing: the forward pass keeps only the embeddings, the backward pass recomputes each chunk
-(GradCache, by remat). Each chunk takes its rows from every shard, so no token ids move between
-devices. Only embeddings cross devices: the passage embeddings are gathered (replicated) before
-scoring, and their gradient is reduce-scattered back.
+(GradCache, by remat). With ``keep_dense_outputs`` the forward pass also keeps every dense layer's
+product output, so the recomputation runs only the attention and the elementwise work: ~10% off a
+CPU step, for (5E + M) values a token and a layer held through the step (memory that grows with
+the batch; bench/RESULTS.md, the remat structure). Each chunk takes its rows from every shard, so
+no token ids move between devices. Only embeddings cross devices: the passage embeddings are
+gathered (replicated) before scoring, and their gradient is reduce-scattered back.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pegjax import schedules, sharding
 from pegjax.data.packing import RowGeometry, chunked_rows
 from pegjax.loss import LossConfig, contrastive_loss, distillation
-from pegjax.models.bert import EmbeddingModel
+from pegjax.models.bert import DENSE_OUTPUT, EmbeddingModel
 
 BATCH_KEYS = ("query_tokens", "query_segments", "query_slots", "passage_tokens", "passage_segments", "passage_slots",
               "passage_hashes", "positive_hashes", "query_hashes", "query_valid", "teacher_scores")
@@ -73,6 +76,7 @@ class StepConfig:
     query_chunk: int = 0
     passage_chunk: int = 0
     frozen: tuple[str, ...] = ()  # parameter path prefixes ("embeddings/word_embeddings") never trained
+    keep_dense_outputs: bool = False  # the backward pass reuses the forward's dense products (module doc)
 
 
 def is_frozen(path: tuple, frozen: tuple[str, ...]) -> bool:
@@ -138,14 +142,16 @@ def frozen_of(config) -> tuple[str, ...]:
 
 
 def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots, slots: int, max_chunk: int,
-                     mesh=None, rng=None):
+                     mesh=None, rng=None, keep_dense: bool = False):
     """Embeds the texts packed in [S*R, L] int32 rows -> [N, D] float32, one row per text slot.
 
     ``text_slots`` [N] int32 says where each text is in its shard's R * ``slots`` pooled rows (R *
     ``slots`` itself: no text, a zero vector). Rows
     are encoded ``chunk`` rows per batch shard at a time (R = chunks * chunk, chunk <= max_chunk,
     `pegjax.data.packing.chunked_rows`); each chunk's forward pass is recomputed in the backward
-    pass (nothing but the embeddings is kept), so activation memory is one chunk's whatever N is.
+    pass (nothing but the embeddings is kept), so activation memory is one chunk's whatever N is;
+    ``keep_dense`` keeps every chunk's dense-layer outputs too, and the recomputation skips those
+    products.
     ``rng`` (optional) drives dropout; chunk c uses a seed drawn from fold_in(rng, c) in both
     passes. On a mesh, each chunk's rows stay split over the batch axes; FSDP-sharded weights are
     all-gathered once per call into one copy per batch shard (never the activations), and the
@@ -200,7 +206,9 @@ def encode_in_chunks(model: EmbeddingModel, params, tokens, segments, text_slots
         # chunk's, so keeping them costs no more memory than recomputing them, and saves a forward.
         pooled = embed_chunk(params, to_chunks(tokens)[0], to_chunks(segments)[0], jnp.zeros((), jnp.int32))[None]
     else:
-        embed_chunk = jax.checkpoint(embed_chunk, policy=jax.checkpoint_policies.nothing_saveable)
+        policy = (jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT) if keep_dense
+                  else jax.checkpoint_policies.nothing_saveable)
+        embed_chunk = jax.checkpoint(embed_chunk, policy=policy)
 
         def body(carry, inputs):
             return carry, embed_chunk(params, *inputs)
@@ -221,11 +229,11 @@ def loss_and_metrics(params, batch, beta, gamma, rng, config: StepConfig, mesh=N
         query_rng, passage_rng = jax.random.split(rng)
     queries = encode_in_chunks(
         config.model, params, batch["query_tokens"], batch["query_segments"], batch["query_slots"],
-        config.query_slots, config.query_chunk or config.encode_chunk, mesh, query_rng,
+        config.query_slots, config.query_chunk or config.encode_chunk, mesh, query_rng, config.keep_dense_outputs,
     )
     passages = encode_in_chunks(
         config.model, params, batch["passage_tokens"], batch["passage_segments"], batch["passage_slots"],
-        config.passage_slots, config.passage_chunk or config.encode_chunk, mesh, passage_rng,
+        config.passage_slots, config.passage_chunk or config.encode_chunk, mesh, passage_rng, config.keep_dense_outputs,
     )
     gather = split = None
     if mesh is not None:

@@ -104,7 +104,8 @@ def dry_run(config, planned: geometry.Geometry):
     rows = {kind: RowGeometry(texts, chunked_rows(texts, config.train.encode_chunk)[0], length, 1, config.train.encode_chunk)
             for kind, texts, length in (("query", planned.queries_per_shard, config.data.query_length),
                                         ("passage", planned.passages_per_shard, config.data.passage_length))}
-    step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout)
+    step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,
+                             keep_dense_outputs=config.train.keep_dense_outputs)
     batch = abstract_batch(mesh, rows["query"], rows["passage"], planned.group, max(config.data.max_extra_positives, 1))
     return jit_train_step(step_config, tx, knobs, mesh, state_sharding).lower(abstract, batch)
 
@@ -188,7 +189,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("%s rows per batch shard: %s", kind, rows)
     step_config = StepConfig(model, loss_config_of(config), encode_chunk=config.train.encode_chunk, dropout=config.model.dropout,
                              frozen=frozen_of(config), query_slots=geometries["query"].slots, passage_slots=geometries["passage"].slots,
-                             query_chunk=geometries["query"].max_chunk, passage_chunk=geometries["passage"].max_chunk)
+                             query_chunk=geometries["query"].max_chunk, passage_chunk=geometries["passage"].max_chunk,
+                             keep_dense_outputs=config.train.keep_dense_outputs)
     step_fn = jit_train_step(step_config, tx, knobs, mesh, state_sharding)
     shardings = batch_shardings(mesh)
     log = MetricLog(workdir, enabled=lead)

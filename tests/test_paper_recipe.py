@@ -109,7 +109,13 @@ def test_launcher_defaults_dry_run_at_their_device_counts(shared_data, tmp_path,
       "--config.data.passage_length=256", "--config.train.encode_chunk=256", "--config.train.device_memory_gib=16"],
      r"config.train.encode_chunk=256: a device needs ~\d+\.\d GiB \(estimate\), more than its 16.0 GiB; "
      r"config.train.encode_chunk=\d+ needs"),
-], ids=["queries", "chunk", "memory"])
+    # The same model keeping every chunk's dense outputs (12 layers x 6,912 bf16 values a token).
+    (["--config.model.random_init.hidden_size=768", "--config.model.random_init.num_hidden_layers=12",
+      "--config.model.random_init.num_attention_heads=12", "--config.model.random_init.intermediate_size=3072",
+      "--config.train.keep_dense_outputs=true", "--config.train.device_memory_gib=16"],
+     r"config.train.keep_dense_outputs=True: a device needs ~\d+\.\d GiB \(estimate; 41.\d GiB of them the kept "
+     r"outputs\), more than its 16.0 GiB; set it False \(~\d+\.\d GiB\)"),
+], ids=["queries", "chunk", "memory", "kept_outputs"])
 def test_configs_that_cannot_be_laid_out_fail_before_any_work(shared_data, tmp_path, overrides, message):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     done = subprocess.run([sys.executable, "-m", "pegjax.main", f"--workdir={tmp_path / 'run'}", *shrunk(shared_data),

@@ -480,3 +480,38 @@ def test_a_frozen_prefix_that_names_no_parameter_is_an_error():
 
     params = jax.eval_shape(EmbeddingModel(TINY).init, jax.random.key(0))
     assert unmatched_frozen(nn.unbox(params), ("embeddings/word_embeddings", "embeddings/words")) == ["embeddings/words"]
+
+
+def test_kept_dense_outputs_give_the_full_batch_gradient_and_skip_their_recomputation(model_and_params):
+    """``keep_dense_outputs``: the backward pass reuses every chunk's dense-layer outputs. The loss
+    and gradient stay those of the whole batch at once, and the step runs one forward pass's dense
+    products fewer (XLA's own count of the compiled programs)."""
+    model, params = model_and_params
+    texts = make_batch(0)
+    loss_config = LossConfig(group_size=GROUP, temperature=0.05, query_block=1)
+    want_loss, want_grad = reference_grad(model, params, texts, loss_config)
+    mesh = sharding.make_mesh(MESHES["data2_fsdp4"])
+    batch, slots = as_step_batch(texts, sharding.batch_shards(mesh), packed=True, max_chunk=1)
+    param_sharding = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), mesh)
+    placed = jax.device_put(params, param_sharding)
+    flops = {}
+    for keep in (False, True):
+        config = StepConfig(model=model, loss=loss_config, dropout=False, keep_dense_outputs=keep, **slots)
+        grad_fn = jax.jit(
+            jax.value_and_grad(lambda p, b: loss_and_metrics(p, b, BETA, GAMMA, None, config, mesh), has_aux=True),
+            in_shardings=(param_sharding, batch_shardings(mesh)),
+            out_shardings=((sharding.replicated(mesh), sharding.replicated(mesh)), param_sharding),
+        ).lower(placed, batch).compile()
+        cost = grad_fn.cost_analysis()
+        flops[keep] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+        if keep:
+            (loss, _), grad = grad_fn(placed, batch)
+            assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+            assert gradient_error(grad, want_grad) <= 1e-5
+    # The dense products of one chunk's forward pass, per device: 2 x (4E^2 + 2EM) a token and a
+    # layer. XLA counts a loop's body once, so the two programs differ by one chunk of each kind.
+    assert slots["query_chunk"] == slots["passage_chunk"] == 1  # rows a chunk, several chunks a kind
+    assert min(batch[k].shape[0] for k in ("query_tokens", "passage_tokens")) > sharding.batch_shards(mesh)
+    tokens = batch["query_tokens"].shape[1] + batch["passage_tokens"].shape[1]
+    dense = 2 * TINY.num_hidden_layers * tokens * (4 * TINY.hidden_size ** 2 + 2 * TINY.hidden_size * TINY.intermediate_size)
+    assert flops[False] - flops[True] == pytest.approx(dense, rel=0.02)

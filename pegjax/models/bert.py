@@ -50,9 +50,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Pooling = Literal["cls", "mean"]
 Attention = Literal["auto", "xla", "cudnn"]
+# The name every dense layer gives its product's output, for a remat policy that keeps these
+# outputs (`pegjax.step`, ``keep_dense_outputs``); outside such a policy the name changes nothing.
+DENSE_OUTPUT = "dense_output"
+
 
 def gelu_erf(x):
     """Exact GELU, x * Phi(x), written with erf as torch does: XLA:CPU runs it ~1.7x faster than
@@ -397,7 +402,8 @@ class Projection(nn.Module):
         inner = x.shape[x.ndim - self.contract:]
         kernel = self.param("kernel", self.kernel_init, tuple(inner) + tuple(self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, tuple(self.features), self.param_dtype)
-        y = _project(x.astype(self.dtype), kernel.astype(self.dtype), self.contract, self.narrow)
+        y = checkpoint_name(_project(x.astype(self.dtype), kernel.astype(self.dtype), self.contract, self.narrow),
+                            DENSE_OUTPUT)
         return y + bias.astype(self.dtype)
 
 
