@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.encode_chunk = 16  # rows per device encoded at once (activation memory)
     # True: the backward pass reuses the forward's dense-layer outputs instead of recomputing those
-    # products (~10% off a CPU step), for memory that grows with the batch (the geometry table)
+    # products (6-13% off a CPU step, bench/RESULTS.md), for memory that grows with the batch (the geometry table)
     c.train.keep_dense_outputs = False
     c.train.device_memory_gib = 0.0  # a device's memory, for the check before any work (0: ask the device)
     c.train.log_steps = 10

@@ -25,7 +25,7 @@ with its own passages, and each shard's texts are packed into that shard's rows.
 ``chunk`` rows per shard at a time with ``lax.scan`` over a ``jax.checkpoint``-ed encoder that
 saves nothing: the forward pass keeps only the embeddings, the backward pass recomputes each chunk
 (GradCache, by remat). With ``keep_dense_outputs`` the forward pass also keeps every dense layer's
-product output, so the recomputation runs only the attention and the elementwise work: ~10% off a
+product output, so the recomputation runs only the attention and the elementwise work: 6-13% off a
 CPU step, for (5E + M) values a token and a layer held through the step (memory that grows with
 the batch; bench/RESULTS.md, the remat structure). Each chunk takes its rows from every shard, so
 no token ids move between devices. Only embeddings cross devices: the passage embeddings are
