@@ -146,6 +146,7 @@ def pegjax_step(queries, groups, sample, args, dtype, keep_dense_outputs=False):
     run.geometries = geometries
     run.holder = holder
     run.shards = shards
+    run.lower = lambda: step.lower(holder["state"], batch)  # the compiled step's HLO (bench.profile_step)
     run.flops = 4 * encoder_flops(config, real_lengths)  # forward, recomputed forward, backward (2x)
     return run
 

@@ -1,0 +1,35 @@
+"""bench.profile_step: a traced call's op time lands on the kinds of op it ran, with exact FLOPs."""
+
+import jax
+import jax.numpy as jnp
+
+from bench.profile_step import op_table, profile, report
+
+
+def test_a_traced_call_is_attributed_to_its_products_with_their_flops():
+    x = jnp.ones((256, 384), jnp.float32)
+    w = jnp.ones((384, 512), jnp.float32)
+    q = jnp.ones((4, 2, 64, 32), jnp.float32)
+
+    @jax.jit
+    def fn(x, w, q):
+        dense = jnp.tanh(x @ w)
+        scores = jnp.einsum("bhlk,bhmk->bhlm", q, q)
+        return dense.sum() + jnp.exp(scores).sum()
+
+    jax.block_until_ready(fn(x, w, q))
+    text = fn.lower(x, w, q).compile().as_text()
+    table = op_table(text)
+    dense = [op for op in table.values() if op.kind == "dense products"]
+    attention = [op for op in table.values() if op.kind == "attention products"]
+    assert [op.flops for op in dense] == [2.0 * 256 * 384 * 512]
+    assert [op.flops for op in attention] == [2.0 * 4 * 2 * 64 * 64 * 32]
+    assert "f32[256,384] x f32[384,512]" in dense[0].describe
+
+    result = profile(lambda: jax.block_until_ready(fn(x, w, q)), text)
+    assert result["named"] == 1.0  # every traced op of the module is found in its compiled text
+    seconds, share, count, flops = result["kinds"]["dense products"]
+    assert count == 1 and flops == 2.0 * 256 * 384 * 512 and seconds > 0
+    assert result["kinds"]["attention products"][2] == 1
+    assert abs(sum(k[1] for k in result["kinds"].values()) - 1.0) < 1e-9
+    assert any("dense products" in line for line in report(result, top=5))
