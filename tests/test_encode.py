@@ -101,3 +101,16 @@ def test_over_long_text_is_truncated(minilm):
     long_one, its_prefix = minilm.encode([words, "retrieval " * 300], max_length=64)
     # Both truncate to the same first 64 tokens.
     np.testing.assert_allclose(long_one, its_prefix, atol=1e-6)
+
+
+def test_the_ffn_activation_is_not_fused_into_the_next_product(minilm):
+    """On the CPU the activation ends at `fusion_boundary`: XLA:CPU otherwise runs it inside the FFN
+    output product, as a prologue that makes the product ~1.5x slower (bench/RESULTS.md)."""
+    from bench.profile_step import op_table
+
+    ids = np.ones((32, 256), np.int32)
+    text = minilm._embed.lower(minilm.params, ids, ids).compile().as_text()
+    products = [op for op in op_table(text).values() if op.kind == "dense products"]
+    ffn_out = [op for op in products if "x f32[1536,384]" in op.describe]
+    assert ffn_out, [op.describe for op in products]  # the FFN output product is there, on its own or fused
+    assert not [op.describe for op in products if "erf" in op.describe]
