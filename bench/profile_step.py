@@ -16,6 +16,8 @@ sorted into one kind:
 - collectives: all-gathers, all-reduces, reduce-scatters;
 - other elementwise: LayerNorm, GELU, softmax backward, residual adds, the loss.
 
+A loop's own span (``while``) holds its body's ops, which are traced one by one, so it is left out.
+
 Prints the CPU model, the step's wall time, each kind's op time (summed over devices, so it is
 about devices x wall), share, count and GFLOP/s (2 x output x contraction of every dot it holds),
 then the most expensive ops with their shapes. Op time is the CPU runtime's own per-op span: what
@@ -39,6 +41,9 @@ import time
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 LAYOUT = {"copy", "transpose", "bitcast", "slice", "reshape", "broadcast", "parameter", "constant", "concatenate",
           "dynamic-slice", "dynamic-update-slice", "pad", "tuple", "get-tuple-element", "iota"}
+# Ops whose traced span holds other traced ops (a loop's body, a called computation): counting them
+# would count their body twice.
+CONTROL_FLOW = {"while", "conditional", "call"}
 KINDS = ("dense products", "attention products", "dropout masks", "layout copies", "collectives", "other elementwise")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
@@ -108,7 +113,9 @@ def op_table(hlo_text: str) -> dict[str, Op]:
             scope = inner_body if opcode == "fusion" else body
             dots = [(s, r) for s, op, r in inner_body.values() if op == "dot"]
             flops = sum(_dot_flops(scope, s, r) for s, r in dots)
-            if any(opcode.startswith(c) for c in COLLECTIVES):
+            if opcode in CONTROL_FLOW:
+                kind = "control flow"
+            elif any(opcode.startswith(c) for c in COLLECTIVES):
                 kind = "collectives"
             elif dots:
                 kind = "attention products" if any(len(_dims(s)) > 2 for s, _ in dots) else "dense products"
@@ -166,6 +173,8 @@ def profile(call, hlo_text: str, trace_dir: str | None = None) -> dict:
             call()
             wall = time.perf_counter() - start
         seconds, counts = traced_op_seconds(trace_dir, module_name(hlo_text))
+    for op in [op for op in seconds if op in table and table[op].kind == "control flow"]:
+        del seconds[op], counts[op]  # their bodies' ops are traced on their own
     total = sum(seconds.values())
     named = sum(s for op, s in seconds.items() if op in table)
     kinds = {kind: [0.0, 0.0, 0, 0.0] for kind in KINDS}

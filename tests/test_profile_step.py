@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from bench.profile_step import op_table, profile, report
+from bench.profile_step import module_name, op_table, profile, report, traced_op_seconds
 
 
 def test_a_traced_call_is_attributed_to_its_products_with_their_flops():
@@ -33,3 +33,26 @@ def test_a_traced_call_is_attributed_to_its_products_with_their_flops():
     assert result["kinds"]["attention products"][2] == 1
     assert abs(sum(k[1] for k in result["kinds"].values()) - 1.0) < 1e-9
     assert any("dense products" in line for line in report(result, top=5))
+
+
+def test_a_loop_is_counted_once_through_its_body(tmp_path):
+    x = jnp.ones((128, 256), jnp.float32)
+    w = jnp.ones((256, 256), jnp.float32)
+
+    @jax.jit
+    def fn(x, w):
+        return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w) * 0.5, x).sum()
+
+    jax.block_until_ready(fn(x, w))
+    text = fn.lower(x, w).compile().as_text()
+    table = op_table(text)
+    loops = [name for name, op in table.items() if op.kind == "control flow"]
+    assert loops
+    result = profile(lambda: jax.block_until_ready(fn(x, w)), text, trace_dir=str(tmp_path))
+    seconds, _, count, flops = result["kinds"]["dense products"]
+    assert count == 3 and flops == 3 * 2.0 * 128 * 256 * 256
+    # The loop's own span, which holds the three products, is traced but left out of the total.
+    traced, _ = traced_op_seconds(str(tmp_path), module_name(text))
+    loop_seconds = sum(traced[name] for name in loops)
+    assert loop_seconds >= seconds
+    assert abs(result["total"] - (sum(traced.values()) - loop_seconds)) < 1e-9
