@@ -1,7 +1,7 @@
 """Where a training step's time goes: one real step traced, each compiled op's time attributed to a kind.
 
     python -m bench.profile_step [--data scifact] [--queries 16] [--mini-batch 32] [--top 20]
-                                 [--keep-dense-outputs]
+                                 [--dtype float32] [--keep-dense-outputs]
 
 Builds the pegjax side of `bench.train_step` (the same real batch, packing, mesh and StepConfig),
 runs it twice warm, then traces one step with ``jax.profiler`` and reads the trace back. Every
@@ -219,6 +219,7 @@ def main():
     parser.add_argument("--query-length", type=int, default=64)
     parser.add_argument("--passage-length", type=int, default=256)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--keep-dense-outputs", action="store_true")
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard / Perfetto)")
     args = parser.parse_args()
@@ -231,13 +232,13 @@ def main():
     from bench.train_step import DATA, HARD_NEGATIVES, pegjax_step
 
     queries, groups, sample = DATA[args.data](args.queries)
-    run = pegjax_step(queries, groups, sample, args, "float32", keep_dense_outputs=args.keep_dense_outputs)
+    run = pegjax_step(queries, groups, sample, args, args.dtype, keep_dense_outputs=args.keep_dense_outputs)
     run()
     run()
     hlo_text = run.lower().compile().as_text()
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; {jax.device_count()} CPU devices")
     print(f"{args.data}: {args.queries} queries x {1 + HARD_NEGATIVES} passages, lengths {args.query_length}/"
-          f"{args.passage_length}, mini-batch {args.mini_batch}, dropout 0.1"
+          f"{args.passage_length}, mini-batch {args.mini_batch}, dropout 0.1, {args.dtype}"
           + (", dense outputs kept" if args.keep_dense_outputs else ""))
     print("\n".join(report(profile(run, hlo_text, args.trace_dir), args.top)))
 

@@ -129,3 +129,22 @@ def test_bfloat16_gradients_stay_close_and_the_weight_gradients_run_in_bfloat16(
             dense = [line for line in lowered.as_text().splitlines()
                      if "dot_general" in line and "x384xbf16>" in line.split("->")[-1]]
             assert dense, "no dense-layer product returns bf16"
+
+
+def test_bias_gradients_are_float32_sums_of_a_bfloat16_gradient():
+    """A bf16 layer's bias gradient is the float32 sum of its bf16 output gradient over every row
+    (`pegjax.models.bert._add_bias`), not a sum rounded to bf16 on the way: summed over 8,192 rows,
+    bf16 would be off by ~1e-3 of the gradient's scale."""
+    from pegjax.models.bert import _add_bias
+
+    rng = np.random.default_rng(0)
+    outputs = jnp.asarray(rng.standard_normal((4, 2048, 12, 32)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal((12, 32)), jnp.float32)
+    grad = jnp.asarray(rng.standard_normal((4, 2048, 12, 32)), jnp.bfloat16)
+    added, pullback = jax.vjp(_add_bias, outputs, bias)
+    assert added.dtype == jnp.bfloat16
+    grad_outputs, grad_bias = pullback(grad)
+    expected = np.asarray(grad, np.float64).reshape(-1, 12, 32).sum(axis=0)
+    assert grad_bias.dtype == jnp.float32 and grad_outputs.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(grad_bias, np.float64) - expected).max() <= 1e-5 * np.abs(expected).max()
+    np.testing.assert_array_equal(np.asarray(grad_outputs), np.asarray(grad))
