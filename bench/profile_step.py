@@ -1,27 +1,34 @@
-"""Where a training step's time goes: one real step traced, each compiled op's time attributed to a kind.
+"""Where the time goes: one real training step (or encode call, or search) traced, each compiled op's
+time attributed to a kind.
 
     python -m bench.profile_step [--data scifact] [--queries 16] [--mini-batch 32] [--top 20]
                                  [--dtype float32] [--keep-dense-outputs]
+    python -m bench.profile_step --what encode [--rows 32] [--passage-length 256] [--dtype float32]
+    python -m bench.profile_step --what search [--corpus 100000] [--queries 1000]
 
-Builds the pegjax side of `bench.train_step` (the same real batch, packing, mesh and StepConfig),
-runs it twice warm, then traces one step with ``jax.profiler`` and reads the trace back. Every
-op the CPU runtime executed is looked up in the step's compiled HLO (``lower().compile()``) and
-sorted into one kind:
+``--what step`` (the default) builds the pegjax side of `bench.train_step` (the same real batch,
+packing, mesh and StepConfig), runs it twice warm, then traces one step with ``jax.profiler``.
+``--what encode`` traces one `pegjax.encode.Encoder` call on ``--rows`` real SciFact abstracts
+padded to ``--passage-length`` tokens (all-MiniLM-L6-v2); ``--what search`` one
+`pegjax.search.Index` search of ``--queries`` random unit vectors against ``--corpus`` (k = 100,
+384 dimensions, as `bench.search`). Every op the CPU runtime executed is looked up in the compiled
+HLO (``lower().compile()``) and sorted into one kind:
 
-- dense products: fusions around a 2-D dot (the projections, the FFN, their weight gradients);
+- dense products: fusions around a 2-D dot (the projections, the FFN, their weight gradients; the
+  search's scores);
 - attention products: fusions around a batched dot over heads, with whatever softmax work XLA
   fused into them;
 - dropout masks: the integer hash of `pegjax.models.bert.dropout` (xor and shifts) with no dot;
 - layout copies: copies, transposes and slices, nothing computed;
 - collectives: all-gathers, all-reduces, reduce-scatters;
-- other elementwise: LayerNorm, GELU, softmax backward, residual adds, the loss.
+- other elementwise: LayerNorm, GELU, softmax backward, residual adds, the loss, top-k.
 
 A loop's own span (``while``) holds its body's ops, which are traced one by one, so it is left out.
 
-Prints the CPU model, the step's wall time, each kind's op time (summed over devices, so it is
-about devices x wall), share, count and GFLOP/s (2 x output x contraction of every dot it holds),
-then the most expensive ops with their shapes. Op time is the CPU runtime's own per-op span: what
-the ops cost, not what the Python loop waits on.
+Prints the CPU model, the wall time of the traced call, each kind's op time (summed over devices,
+so it is about devices x wall), share, count and GFLOP/s (2 x output x contraction of every dot
+it holds), then the most expensive ops with their shapes. Op time is the CPU runtime's own per-op
+span: what the ops cost, not what the Python loop waits on.
 """
 
 from __future__ import annotations
@@ -199,7 +206,7 @@ def profile(call, hlo_text: str, trace_dir: str | None = None) -> dict:
 
 
 def report(result: dict, top: int) -> list[str]:
-    lines = [f"step wall time {result['wall']:.2f} s; op time {result['total']:.2f} s summed over devices "
+    lines = [f"wall time {result['wall']:.2f} s; op time {result['total']:.2f} s summed over devices "
              f"({result['named']:.1%} of it named in the compiled HLO)",
              f"  {'kind':<20} {'op time':>9} {'share':>6} {'ops':>6} {'GFLOP/s':>8}"]
     for kind, (s, share, n, flops) in result["kinds"].items():
@@ -211,35 +218,95 @@ def report(result: dict, top: int) -> list[str]:
     return lines
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="scifact", choices=("scifact", "medical_zh"))
-    parser.add_argument("--queries", type=int, default=16)
-    parser.add_argument("--mini-batch", type=int, default=32)
-    parser.add_argument("--query-length", type=int, default=64)
-    parser.add_argument("--passage-length", type=int, default=256)
-    parser.add_argument("--top", type=int, default=20)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    parser.add_argument("--keep-dense-outputs", action="store_true")
-    parser.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard / Perfetto)")
-    args = parser.parse_args()
-    from pegjax.distributed import use_cpu_cores
-
-    use_cpu_cores()
-    import jax
-
-    from bench.common import cpu_model
+def _step(args):
     from bench.train_step import DATA, HARD_NEGATIVES, pegjax_step
 
     queries, groups, sample = DATA[args.data](args.queries)
     run = pegjax_step(queries, groups, sample, args, args.dtype, keep_dense_outputs=args.keep_dense_outputs)
     run()
     run()
-    hlo_text = run.lower().compile().as_text()
+    about = (f"{args.data}: {args.queries} queries x {1 + HARD_NEGATIVES} passages, lengths {args.query_length}/"
+             f"{args.passage_length}, mini-batch {args.mini_batch}, dropout 0.1, {args.dtype}"
+             + (", dense outputs kept" if args.keep_dense_outputs else ""))
+    return run, run.lower().compile().as_text(), about
+
+
+def _encode(args):
+    import jax
+
+    from bench.common import minilm_path, scifact_texts
+    from pegjax.data.tokenizer import pad_batch, tokenize
+    from pegjax.encode import Encoder
+
+    encoder = Encoder.from_pretrained(minilm_path(), dtype=args.dtype)
+    texts = scifact_texts(args.rows)
+    ids, mask = pad_batch(tokenize(encoder.tokenizer, texts, args.passage_length), args.passage_length, len(texts))
+    ids, mask = jax.device_put((ids, mask), encoder._rows)
+
+    def run():
+        jax.block_until_ready(encoder._embed(encoder.params, ids, mask))
+
+    run()
+    run()
+    about = f"encode: {len(texts)} SciFact abstracts padded to {args.passage_length} tokens, all-MiniLM-L6-v2, {args.dtype}"
+    return run, encoder._embed.lower(encoder.params, ids, mask).compile().as_text(), about
+
+
+def _search(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pegjax import search
+
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((args.corpus, 384), dtype=np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = rng.standard_normal((args.queries, 384), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    index = search.Index(corpus)
+
+    def run():
+        index.search(queries, 100)
+
+    run()
+    run()
+    # The one compiled program the search runs: its arguments laid out as Index.search lays them.
+    batch = 256
+    padded = np.zeros((-(-args.queries // batch) * batch, 384), np.float32)
+    padded = jax.device_put(padded.reshape(-1, batch, 384), search.NamedSharding(index.mesh, search.PartitionSpec()))
+    rows, valid = index._resident
+    text = search._search_slice.lower(padded, rows, jnp.int32(valid), jnp.int32(0), k=100, block=index.block,
+                                      mesh=index.mesh).compile().as_text()
+    return run, text, f"search: {args.queries} queries x {args.corpus:,} rows x 384, k = 100, float32"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", default="step", choices=("step", "encode", "search"))
+    parser.add_argument("--data", default="scifact", choices=("scifact", "medical_zh"))
+    parser.add_argument("--queries", type=int, default=None, help="step: 16 queries; search: 1,000")
+    parser.add_argument("--mini-batch", type=int, default=32)
+    parser.add_argument("--query-length", type=int, default=64)
+    parser.add_argument("--passage-length", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=32, help="encode: texts in the call")
+    parser.add_argument("--corpus", type=int, default=100_000, help="search: corpus rows")
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--keep-dense-outputs", action="store_true")
+    parser.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard / Perfetto)")
+    args = parser.parse_args()
+    args.queries = args.queries or (1000 if args.what == "search" else 16)
+    from pegjax.distributed import use_cpu_cores
+
+    use_cpu_cores()
+    import jax
+
+    from bench.common import cpu_model
+
+    run, hlo_text, about = {"step": _step, "encode": _encode, "search": _search}[args.what](args)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; {jax.device_count()} CPU devices")
-    print(f"{args.data}: {args.queries} queries x {1 + HARD_NEGATIVES} passages, lengths {args.query_length}/"
-          f"{args.passage_length}, mini-batch {args.mini_batch}, dropout 0.1, {args.dtype}"
-          + (", dense outputs kept" if args.keep_dense_outputs else ""))
+    print(about)
     print("\n".join(report(profile(run, hlo_text, args.trace_dir), args.top)))
 
 
