@@ -85,6 +85,13 @@ def _fusion_boundary_jvp(primals, tangents):
     return fusion_boundary(primals[0]), tangents[0]
 
 
+def _activation(name: str, x):
+    """The FFN's activation computed in float32 and rounded once to ``x``'s dtype, as torch computes
+    a bf16 GELU. Computed in bf16 itself it rounds every intermediate, and XLA:CPU runs it ~1.5x
+    slower ([4,096 x 1,536] on one Intel Xeon core: 11.0 ms against 7.4 ms)."""
+    return ACTIVATIONS[name](x.astype(jnp.float32)).astype(x.dtype)
+
+
 ACTIVATIONS = {
     "gelu": gelu_erf,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -523,7 +530,7 @@ class TransformerLayer(nn.Module):
             (cfg.intermediate_size,), 1, self.dtype, self.param_dtype,
             _init(cfg, ("embed", "mlp")), _zeros(("mlp",)), self.narrow, name="intermediate",
         )(hidden)
-        inner = ACTIVATIONS[cfg.hidden_act](inner)
+        inner = _activation(cfg.hidden_act, inner)
         if jax.default_backend() == "cpu":
             inner = fusion_boundary(inner)
         out = Projection(
