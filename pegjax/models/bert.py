@@ -229,6 +229,10 @@ def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: i
                              "config.model.attention_dropout=0 (BertConfig.attention_probs_dropout_prob=0)")
         return fused_attention(query, key, value, bias)
     heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+    # XLA:CPU runs a batched bf16 product in float32 (it converts the operands itself), so on the
+    # CPU the weights stay float32 instead of being rounded to bf16 and converted back: two passes
+    # over [B, H, L, L] saved.
+    inner = jnp.float32 if jax.default_backend() == "cpu" else value.dtype
     # The 1/sqrt(K) scale goes on the query, K times smaller than the scores: scaling the scores
     # makes XLA:CPU materialise the scale as a constant of the full [B, H, L, L] shape.
     query = query * jnp.asarray(1 / query.shape[-1] ** 0.5, query.dtype)
@@ -240,8 +244,8 @@ def dot_attention(query, key, value, bias, *, dropout_rate: float, seed, site: i
     weights = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total = jnp.sum(weights, axis=-1, keepdims=True)
     if seed is not None and dropout_rate > 0:
-        weights = _dropped_weights(weights, seed, dropout_rate, site, value.dtype)
-    context = _weighted_sum(weights.astype(value.dtype), heads_major(value))
+        weights = _dropped_weights(weights, seed, dropout_rate, site, inner)
+    context = _weighted_sum(weights.astype(inner), heads_major(value).astype(inner))
     return (context / total).astype(value.dtype).transpose(0, 2, 1, 3)
 
 
