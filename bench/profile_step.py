@@ -168,7 +168,8 @@ def profile(call, hlo_text: str, trace_dir: str | None = None) -> dict:
     """Runs ``call()`` once under ``jax.profiler`` and attributes its module's op time by kind.
 
     ``hlo_text``: the compiled text of the module ``call`` runs. Returns {"wall": seconds, "kinds":
-    {kind: (seconds, share, count, flops)}, "ops": [(seconds, count, Op)] most expensive first,
+    {kind: (seconds, share, count, flops)}, "ops": [(seconds, count, kind, description)], the ops
+    that share a description summed, most expensive first,
     "named": the share of the traced op time whose op the text names}."""
     import jax
 
@@ -256,6 +257,7 @@ def _search(args):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from pegjax import search
 
@@ -274,7 +276,7 @@ def _search(args):
     # The one compiled program the search runs: its arguments laid out as Index.search lays them.
     batch = 256
     padded = np.zeros((-(-args.queries // batch) * batch, 384), np.float32)
-    padded = jax.device_put(padded.reshape(-1, batch, 384), search.NamedSharding(index.mesh, search.PartitionSpec()))
+    padded = jax.device_put(padded.reshape(-1, batch, 384), NamedSharding(index.mesh, PartitionSpec()))
     rows, valid = index._resident
     text = search._search_slice.lower(padded, rows, jnp.int32(valid), jnp.int32(0), k=100, block=index.block,
                                       mesh=index.mesh).compile().as_text()
