@@ -254,10 +254,7 @@ def _encode(args):
 
 
 def _search(args):
-    import jax
-    import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from pegjax import search
 
@@ -273,13 +270,7 @@ def _search(args):
 
     run()
     run()
-    # The one compiled program the search runs: its arguments laid out as Index.search lays them.
-    batch = 256
-    padded = np.zeros((-(-args.queries // batch) * batch, 384), np.float32)
-    padded = jax.device_put(padded.reshape(-1, batch, 384), NamedSharding(index.mesh, PartitionSpec()))
-    rows, valid = index._resident
-    text = search._search_slice.lower(padded, rows, jnp.int32(valid), jnp.int32(0), k=100, block=index.block,
-                                      mesh=index.mesh).compile().as_text()
+    text = index.lower(queries, 100).compile().as_text()
     return run, text, f"search: {args.queries} queries x {args.corpus:,} rows x 384, k = 100, float32"
 
 

@@ -154,17 +154,12 @@ class Index:
         k = min(k, self.size)
         if num_queries == 0 or k == 0:
             return np.zeros((num_queries, k), np.float32), np.zeros((num_queries, k), np.int64)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        query_batch = min(query_batch, -(-num_queries // 8) * 8)
         starts = range(0, self.size, self.slice_rows)
         if progress:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="search", unit="slice")
-        batches = -(-num_queries // query_batch)
-        padded = np.zeros((batches * query_batch, queries.shape[1]), np.float32)
-        padded[:num_queries] = queries
-        padded = jax.device_put(padded.reshape(batches, query_batch, -1), replicated)
+        padded = self._batched(queries, query_batch)
         for start in starts:
             rows, valid = self._resident if self._resident is not None else self._slice(start)
             scores, index = _search_slice(padded, rows, jnp.int32(valid), jnp.int32(start),
@@ -176,6 +171,25 @@ class Index:
             else:
                 _merge_host(best_scores, best_index, scores, index)
         return best_scores, best_index
+
+
+    def _batched(self, queries: np.ndarray, query_batch: int):
+        """queries [Q, D] float32 -> [n, b, D] zero-padded batches, replicated over the mesh: what
+        `_search_slice` takes (b = query_batch, or less for a few queries)."""
+        num_queries = queries.shape[0]
+        query_batch = min(query_batch, -(-num_queries // 8) * 8)
+        batches = -(-num_queries // query_batch)
+        padded = np.zeros((batches * query_batch, queries.shape[1]), np.float32)
+        padded[:num_queries] = queries
+        return jax.device_put(padded.reshape(batches, query_batch, -1), NamedSharding(self.mesh, PartitionSpec()))
+
+    def lower(self, queries: np.ndarray, k: int, query_batch: int = 256):
+        """The program `search` compiles for these queries, lowered on the first corpus slice
+        (`bench.profile_step` reads its compiled text)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        rows, valid = self._resident if self._resident is not None else self._slice(0)
+        return _search_slice.lower(self._batched(queries, query_batch), rows, jnp.int32(valid), jnp.int32(0),
+                                   k=min(k, self.size, valid), block=self.block, mesh=self.mesh)
 
 
 def top_k(queries: np.ndarray, corpus: np.ndarray, k: int, **index_args) -> tuple[np.ndarray, np.ndarray]:

@@ -56,3 +56,20 @@ def test_a_loop_is_counted_once_through_its_body(tmp_path):
     loop_seconds = sum(traced[name] for name in loops)
     assert loop_seconds >= seconds
     assert abs(result["total"] - (sum(traced.values()) - loop_seconds)) < 1e-9
+
+
+def test_the_lowered_search_is_the_program_search_runs(tmp_path):
+    """`Index.lower` (what `bench.profile_step --what search` reads) compiles the program `search`
+    runs, batching included: with fewer queries than a batch, every traced op is found in its text
+    and the scores' product counts the 40 queries against every corpus row, not a full batch's."""
+    import numpy as np
+
+    from pegjax.search import Index
+
+    rng = np.random.default_rng(0)
+    index = Index(rng.standard_normal((3000, 64), dtype=np.float32))
+    queries = rng.standard_normal((40, 64), dtype=np.float32)
+    index.search(queries, 10)
+    result = profile(lambda: index.search(queries, 10), index.lower(queries, 10).compile().as_text(), str(tmp_path))
+    assert result["total"] > 0 and result["named"] == 1.0
+    assert result["kinds"]["dense products"][3] == 2.0 * 40 * index.slice_rows * 64
